@@ -1,0 +1,249 @@
+"""One ViT image encoder (timm blocks and weights) that runs any token-reduction plan.
+
+The blocks are timm's own modules; only their forward is re-sequenced here so that a layer
+can (a) expose the one attention row a reduction needs without leaving the fused SDPA kernel,
+(b) add ToMe's proportional-attention bias, and (c) merge or prune tokens between attention
+and MLP. With ``method: none`` the output equals timm's ``forward_features``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.tokens import elip, evit, tome
+from pipeline.tokens.plan import ReductionConfig, ReductionPlan, build_plan
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
+
+
+@dataclass
+class VitConfig:
+    """The ``vision`` section of a backbone config.
+
+    ``model_name`` is any timm ViT (``vit_base_patch16_224``, ``deit_base_patch16_224``,
+    ``vit_base_patch32_clip_224``...); ``timm_kwargs`` override its architecture (tiny test
+    encoders: ``{depth: 4, embed_dim: 64, num_heads: 2}``); ``checkpoint`` is a local weights file
+    or a directory holding one (timm, DeiT, OpenAI/OpenCLIP formats), never a hub download.
+    """
+
+    model_name: str = "vit_base_patch16_224"
+    image_size: int = 224
+    checkpoint: str | None = None
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    timm_kwargs: dict = field(default_factory=dict)
+    reduction: ReductionConfig = field(default_factory=ReductionConfig)
+
+
+@dataclass
+class VisionOutput:
+    """What :class:`VisionEncoder` returns.
+
+    tokens: ``[B, N_out, D]`` final (layer-normed) tokens, [CLS] first.
+    tokens_per_layer: sequence length entering each layer.
+    kept_patches: ``[B, M]`` bool, the original patches that survive as themselves to the last
+        layer (ELIP, EViT); ``None`` when no patch is dropped or the method merges (ToMe).
+    """
+
+    tokens: torch.Tensor
+    tokens_per_layer: list[int]
+    kept_patches: torch.Tensor | None
+
+
+def resolve_weights_file(path: str) -> str:
+    """A weights file given a file or a directory holding one of :data:`WEIGHT_FILES`."""
+    p = Path(path)
+    if p.is_file():
+        return str(p)
+    if p.is_dir():
+        for name in WEIGHT_FILES:
+            if (p / name).is_file():
+                return str(p / name)
+        raise FileNotFoundError(f"vision.checkpoint: no weights file ({', '.join(WEIGHT_FILES)}) in {path}")
+    raise FileNotFoundError(f"vision.checkpoint: {path} does not exist")
+
+
+def create_timm_vit(cfg: VitConfig) -> nn.Module:
+    """The timm ViT named by ``cfg`` without its classifier, weights from ``cfg.checkpoint``."""
+    kwargs = dict(num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path_rate, **cfg.timm_kwargs)
+    if cfg.checkpoint is None:
+        return timm.create_model(cfg.model_name, pretrained=False, **kwargs)
+    # timm's own pretrained path: key remapping (DeiT 'model', OpenAI CLIP) and pos-embed resizing.
+    overlay = dict(file=resolve_weights_file(cfg.checkpoint))
+    return timm.create_model(cfg.model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def _cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """Head-averaged attention of one query row over the non-[CLS] keys.
+
+    Args:
+        q: ``[B, H, 1, d]`` query row; k: ``[B, H, N, d]`` keys; bias: ``[B, 1, 1, N]`` or None.
+    Returns:
+        ``[B, N-1]``.
+    """
+    logits = (q * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+    if bias is not None:
+        logits = logits + bias
+    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+
+
+class VisionEncoder(nn.Module):
+    """timm ViT + a :class:`~pipeline.tokens.plan.ReductionPlan`.
+
+    Attributes:
+        embed_dim: token width D. patch_size: pixels per patch side. num_patches: M.
+    """
+
+    def __init__(self, cfg: VitConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = create_timm_vit(cfg)
+        if self.vit.num_prefix_tokens != 1 or self.vit.cls_token is None:
+            raise ValueError(
+                f"vision.model_name={cfg.model_name!r}: token reduction needs exactly one [CLS] prefix token"
+            )
+        for i, blk in enumerate(self.vit.blocks):
+            if not (hasattr(blk, "attn") and hasattr(blk.attn, "qkv") and hasattr(blk, "mlp")):
+                raise ValueError(f"vision.model_name={cfg.model_name!r}: block {i} is not a timm pre-norm ViT block")
+        self.embed_dim = self.vit.embed_dim
+        self.patch_size = self.vit.patch_embed.patch_size[0]
+        self.num_patches = self.vit.patch_embed.num_patches
+        self.plan: ReductionPlan = build_plan(cfg.reduction, len(self.vit.blocks), self.num_patches)
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def expected_tokens_per_layer(self) -> list[int]:
+        return self.plan.tokens_per_layer(self.num_patches)
+
+    # -- one layer ---------------------------------------------------------------------------
+    def _block(
+        self,
+        i: int,
+        x: torch.Tensor,
+        size: torch.Tensor | None,
+        ids: torch.Tensor | None,
+        guide: torch.Tensor | None,
+        want_scores: bool,
+    ):
+        """Layer ``i`` with its reduction.
+
+        Args:
+            x: ``[B, N, D]``; size: ``[B, N, 1]`` (ToMe) or None; ids: ``[B, N-1]`` original patch
+            index per token (-1 = fused/merged) or None; guide: ``[B, D]`` text-fused [CLS]
+            used as the query of the returned scores (None = the layer's own [CLS]).
+        Returns:
+            ``(x, size, ids, scores)``; scores is ``[B, N-1]`` [CLS]-query attention over the
+            layer's input tokens when ``want_scores`` (ELIP reuse), else None.
+        """
+        blk, plan = self.vit.blocks[i], self.plan
+        attn = blk.attn
+        B, N, _ = x.shape
+        h = blk.norm1(x)
+        qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = tome.proportional_attention_bias(size) if plan.prop_attn else None
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0
+        )
+        o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, N, attn.attn_dim))))
+        x = x + blk.drop_path1(blk.ls1(o))
+
+        scores = None
+        rate = plan.evit_rate[i]
+        if want_scores or rate is not None:
+            q_row = q[:, :, :1]
+            if guide is not None:
+                # The text-fused [CLS] as one extra query row: same projection, no extra pass.
+                w, b = attn.qkv.weight[: attn.attn_dim], attn.qkv.bias
+                q_row = F.linear(blk.norm1(guide), w, None if b is None else b[: attn.attn_dim])
+                q_row = attn.q_norm(q_row.reshape(B, attn.num_heads, 1, attn.head_dim))
+            scores = _cls_attention(q_row, k, attn.scale, bias)
+        if rate is not None:
+            # EViT keeps the gradient through its fusion weights (reference code).
+            x, kept = evit.select_and_fuse(x, scores.to(x.dtype), rate, return_index=True)
+            ids = _track(ids, kept)
+            scores = None
+        r = plan.tome_r[i]
+        if r > 0:
+            merge, _ = tome.bipartite_soft_matching(k.mean(dim=1), r, class_token=True)
+            x, size = tome.merge_wavg(merge, x, size)
+            ids = None  # merged tokens have no single source patch
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return x, size, ids, scores
+
+    def _run(self, i, x, size, ids, guide, want_scores):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._block, i, x, size, ids, guide, want_scores, use_reentrant=False)
+        return self._block(i, x, size, ids, guide, want_scores)
+
+    # -- ELIP selection ------------------------------------------------------------------------
+    def _stage_end(self, start: int) -> int:
+        later = [j for j in range(start + 1, self.plan.num_layers) if self.plan.elip_keep[j] is not None]
+        return later[0] if later else self.plan.num_layers
+
+    @torch.no_grad()
+    def _lookahead_scores(self, x: torch.Tensor, start: int, text_cls: torch.Tensor | None) -> torch.Tensor:
+        """The official ELIP look-ahead: run the stage starting at ``start`` on all tokens, [CLS]
+        replaced by the text-fused [CLS], and return its last layer's [CLS] attention ``[B, N-1]``."""
+        x = torch.cat([elip.fuse_cls(x[:, 0], text_cls, self.plan.lam).unsqueeze(1), x[:, 1:]], dim=1)
+        end = self._stage_end(start)
+        for j in range(start, end):
+            x, _, _, scores = self._block(j, x, None, None, None, want_scores=j == end - 1)
+        return scores
+
+    # -- whole encoder -------------------------------------------------------------------------
+    def forward(
+        self, images: torch.Tensor, text_cls: torch.Tensor | None = None, track_patches: bool = False
+    ) -> VisionOutput:
+        """Encode images, reducing tokens as planned.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised pixels.
+            text_cls: ``[B, D]`` text [CLS] guiding ELIP; None = vision-only selection (lam = 1).
+            track_patches: also return which original patches survive (visualisation).
+        Returns:
+            :class:`VisionOutput`.
+        """
+        vit, plan = self.vit, self.plan
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        B, M = x.shape[0], x.shape[1] - 1
+        ids = torch.arange(M, device=x.device).expand(B, M) if track_patches else None
+        size, scores, lengths = None, None, []
+        reuse = plan.method == "elip" and plan.elip_mode == "reuse"
+        for i in range(plan.num_layers):
+            keep = plan.elip_keep[i]
+            if keep is not None and keep < x.shape[1] - 1:
+                if plan.elip_mode == "lookahead":
+                    scores = self._lookahead_scores(x, i, text_cls)
+                x, kept = elip.select_and_fuse(x, scores, keep, return_index=True)
+                ids = _track(ids, kept)
+            lengths.append(x.shape[1])
+            next_reduces = i + 1 < plan.num_layers and plan.elip_keep[i + 1] is not None
+            guide = None
+            if reuse and next_reduces and text_cls is not None:
+                guide = elip.fuse_cls(x[:, 0], text_cls, plan.lam)
+            x, size, ids, scores = self._run(i, x, size, ids, guide, reuse and next_reduces)
+        kept_patches = None
+        if ids is not None and x.shape[1] - 1 < M:
+            kept_patches = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)
+            kept_patches.scatter_(1, ids + 1, True)  # fused tokens (-1) land in column 0
+            kept_patches = kept_patches[:, 1:]
+        return VisionOutput(vit.norm(x), lengths, kept_patches)
+
+
+def _track(ids: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor | None:
+    """Original patch ids after a selection: the kept positions, then -1 for the fused token."""
+    if ids is None or kept is None:
+        return ids
+    return torch.cat([ids.gather(1, kept), ids.new_full((ids.shape[0], 1), -1)], dim=1)

@@ -1,0 +1,7 @@
+"""The method core: pure tensor functions for vision-token reduction (no modules, no I/O).
+
+- :mod:`pipeline.tokens.elip`  text-guided selection + attention-weighted fusion (ELIP)
+- :mod:`pipeline.tokens.tome`  bipartite soft matching and size-weighted merging (ToMe)
+- :mod:`pipeline.tokens.evit`  inattentive-token fusion (EViT)
+- :mod:`pipeline.tokens.plan`  a reduction config -> what each layer of a ViT does
+"""

@@ -1,0 +1,137 @@
+"""A reduction config becomes a per-layer plan for one ViT encoder.
+
+``method`` is a config value (``none | elip | tome | evit``): the encoder runs whatever plan it
+is given, so comparing methods is one loop over that value. Where each method acts:
+
+- ELIP reduces *before* layer ``l`` to ``int(ratio * M)`` of the ``M`` original patches (plus
+  [CLS] and one fused token);
+- EViT reduces *inside* layer ``l``, after attention, keeping ``ceil(rate * (N-1))``;
+- ToMe merges ``r[l]`` tokens inside every layer, after attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.tokens.evit import num_kept
+from pipeline.tokens.tome import r_schedule
+
+METHODS = ("none", "elip", "tome", "evit")
+ELIP_MODES = ("lookahead", "reuse")
+
+# ELIP's published layouts: (layers reduced before, keep ratios of the original patch count).
+ELIP_VIT_B16 = ((2, 4, 10), (0.9, 0.65, 0.4))  # ALBEF / BLIP, 12 layers
+ELIP_METER_B32 = ((2, 4, 9), (0.9, 0.7, 0.45))  # METER's CLIP ViT-B/32
+EVIT_DEFAULT_LAYERS = (3, 6, 9)  # EViT's reduction locations for a 12-layer ViT
+
+
+@dataclass
+class ReductionConfig:
+    """The ``reduction`` section of a vision encoder's config.
+
+    ``layers``/``ratios`` default to ELIP's ViT-B/16 layout (ELIP) or EViT's 3/6/9 (EViT) for a
+    12-layer encoder; other depths must set ``layers`` explicitly.
+    """
+
+    method: str = "none"
+    elip_mode: str = "reuse"
+    layers: list[int] | None = None
+    ratios: list[float] | None = None
+    lam: float = 0.8
+    keep_rate: float = 0.7
+    r: int | list[int] = 10
+    inflect: float = 0.0
+    prop_attn: bool = True
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """What each of the ``L`` layers does. All tuples have length ``L``."""
+
+    method: str
+    elip_mode: str
+    lam: float
+    prop_attn: bool
+    elip_keep: tuple[int | None, ...] = field(default=())  # non-[CLS] tokens kept before layer l
+    evit_rate: tuple[float | None, ...] = field(default=())  # keep rate after layer l's attention
+    tome_r: tuple[int, ...] = field(default=())  # tokens merged after layer l's attention
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.tome_r)
+
+    def tokens_per_layer(self, num_patches: int) -> list[int]:
+        """Sequence length entering each layer, [CLS] included, for ``num_patches`` patches."""
+        n, lengths = num_patches + 1, []
+        for keep, rate, r in zip(self.elip_keep, self.evit_rate, self.tome_r):
+            if keep is not None and keep < n - 1:
+                n = keep + 2
+            lengths.append(n)
+            if rate is not None and num_kept(n, rate) < n - 1:
+                n = num_kept(n, rate) + 2
+            n -= min(r, (n - 1) // 2)
+        return lengths
+
+
+def _reduce_layers(cfg: ReductionConfig, num_layers: int, default: tuple[int, ...] | None) -> list[int]:
+    layers = list(cfg.layers) if cfg.layers is not None else None
+    if layers is None:
+        if num_layers != 12 or default is None:
+            raise ValueError(
+                f"reduction.layers: the {cfg.method} default layout is for a 12-layer ViT; "
+                f"set reduction.layers for this {num_layers}-layer encoder"
+            )
+        layers = list(default)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, int) or not 1 <= layer < num_layers:
+            raise ValueError(
+                f"reduction.layers[{i}]={layer!r} out of range 1..{num_layers - 1} for a {num_layers}-layer ViT"
+            )
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"reduction.layers must be strictly increasing, got {layers}")
+    return layers
+
+
+def build_plan(cfg: ReductionConfig, num_layers: int, num_patches: int) -> ReductionPlan:
+    """Validate ``cfg`` against an encoder of ``num_layers`` layers and ``num_patches`` patches.
+
+    Raises:
+        ValueError naming the offending key and value.
+    """
+    if cfg.method not in METHODS:
+        raise ValueError(f"reduction.method={cfg.method!r}; expected one of {METHODS}")
+    if cfg.elip_mode not in ELIP_MODES:
+        raise ValueError(f"reduction.elip_mode={cfg.elip_mode!r}; expected one of {ELIP_MODES}")
+    if not 0.0 <= cfg.lam <= 1.0:
+        raise ValueError(f"reduction.lam={cfg.lam} must be in [0, 1]")
+    elip_keep: list[int | None] = [None] * num_layers
+    evit_rate: list[float | None] = [None] * num_layers
+    tome_r = [0] * num_layers
+
+    if cfg.method == "elip":
+        layers = _reduce_layers(cfg, num_layers, ELIP_VIT_B16[0])
+        ratios = list(cfg.ratios) if cfg.ratios is not None else list(ELIP_VIT_B16[1])
+        if len(ratios) != len(layers):
+            raise ValueError(f"reduction.ratios {ratios} needs one ratio per layer in {layers}")
+        for i, ratio in enumerate(ratios):
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(f"reduction.ratios[{i}]={ratio} must be in (0, 1]")
+        for layer, ratio in zip(layers, ratios):
+            elip_keep[layer] = int(ratio * num_patches)
+    elif cfg.method == "evit":
+        if not 0.0 < cfg.keep_rate <= 1.0:
+            raise ValueError(f"reduction.keep_rate={cfg.keep_rate} must be in (0, 1]")
+        for layer in _reduce_layers(cfg, num_layers, EVIT_DEFAULT_LAYERS):
+            evit_rate[layer] = cfg.keep_rate
+    elif cfg.method == "tome":
+        tome_r = r_schedule(num_layers, cfg.r, cfg.inflect)
+
+    return ReductionPlan(
+        method=cfg.method,
+        elip_mode=cfg.elip_mode,
+        lam=cfg.lam,
+        prop_attn=cfg.prop_attn,
+        elip_keep=tuple(elip_keep),
+        evit_rate=tuple(evit_rate),
+        tome_r=tuple(tome_r),
+    )
+
