@@ -28,16 +28,15 @@ def register_model(name: str, config_cls: type, build: Callable[[Any], nn.Module
     MODELS[name] = ModelEntry(config_cls, build)
 
 
+BUILTIN = ("albef",)
+
+
 def _load_builtin() -> None:
     # Imported lazily so that ``pipeline.models`` itself stays cheap and cycle-free.
     import importlib
 
-    for module in ("albef",):
-        try:
-            importlib.import_module(f"pipeline.models.{module}")
-        except ModuleNotFoundError as err:  # a backbone file not written yet
-            if err.name != f"pipeline.models.{module}":
-                raise
+    for module in BUILTIN:
+        importlib.import_module(f"pipeline.models.{module}")
 
 
 def model_entry(name: str) -> ModelEntry:
