@@ -35,7 +35,7 @@ def test_forward_returns_finite_losses_and_token_counts(method):
     assert torch.allclose(out["loss"].detach(), out["loss_itc"] + out["loss_itm"] + out["loss_mlm"])
     assert out["tokens_per_layer"] == model.visual_encoder.expected_tokens_per_layer()
     out["loss"].backward()
-    assert model.visual_encoder.vit.patch_embed.proj.weight.grad is not None
+    assert model.visual_encoder.patch_embed.proj.weight.grad is not None
     assert all(p.grad is None for p in model.visual_encoder_m.parameters())
     if method == "elip":
         assert out["tokens_per_layer"] == [17, 14, 14, 8]

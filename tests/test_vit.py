@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.models.vit import VisionEncoder, VitConfig
+from pipeline.models.vit import VisionEncoder, VitConfig, create_timm_vit
 from pipeline.tokens import elip
 from pipeline.tokens.plan import ReductionConfig
 
@@ -22,12 +22,14 @@ def tiny_encoder(reduction: ReductionConfig, **kw) -> VisionEncoder:
     return VisionEncoder(cfg)
 
 
-def test_none_plan_equals_timm_forward():
+def test_none_plan_equals_timm_forward_on_the_same_weights():
     enc = tiny_encoder(TINY_PLANS["none"]).eval()
+    timm_vit = create_timm_vit(enc.cfg).eval()
+    timm_vit.load_state_dict(enc.state_dict())  # strict: the encoder keeps timm's parameter names
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours = enc(images).tokens
-        ref = enc.vit.forward_features(images)
+        ref = timm_vit.forward_features(images)
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
@@ -85,7 +87,7 @@ def test_reuse_scores_are_the_fused_cls_row_of_that_layers_attention():
     guide = elip.fuse_cls(x[:, 0], text_cls, 0.8)
     with torch.no_grad():
         _, _, _, scores = enc._block(0, x, None, None, guide, want_scores=True)
-        blk = enc.vit.blocks[0]
+        blk = enc.blocks[0]
         # materialise the whole attention of the sequence with the fused [CLS] as token 0
         h = blk.norm1(torch.cat([guide[:, None], x[:, 1:]], 1))
         q = blk.attn.qkv(h)[..., :64].reshape(2, 17, 2, 32).transpose(1, 2)
@@ -108,7 +110,7 @@ def test_kept_patches_mark_the_surviving_original_patches():
 @pytest.mark.parametrize("layout", ["file", "deit_file", "dir"])
 def test_weights_load_from_local_file_or_directory(tmp_path, layout):
     src = tiny_encoder(TINY_PLANS["none"])
-    state = {k: v.clone() for k, v in src.vit.state_dict().items()}
+    state = {k: v.clone() for k, v in src.state_dict().items()}
     state["head.weight"], state["head.bias"] = torch.randn(1000, 64), torch.randn(1000)  # a classifier checkpoint
     if layout == "file":
         path = tmp_path / "vit.pth"
@@ -124,8 +126,9 @@ def test_weights_load_from_local_file_or_directory(tmp_path, layout):
     enc = VisionEncoder(
         VitConfig(image_size=64, timm_kwargs=TINY, checkpoint=str(path), reduction=TINY_PLANS["none"])
     )
-    for k, v in src.vit.state_dict().items():
-        assert torch.equal(enc.vit.state_dict()[k], v), k
+    loaded = enc.state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded[k], v), k
 
 
 def test_missing_weights_are_a_clear_error(tmp_path):

@@ -103,18 +103,24 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VitConfig):
         super().__init__()
         self.cfg = cfg
-        self.vit = create_timm_vit(cfg)
-        if self.vit.num_prefix_tokens != 1 or self.vit.cls_token is None:
+        vit = create_timm_vit(cfg)
+        if vit.num_prefix_tokens != 1 or vit.cls_token is None or getattr(vit, "dynamic_img_size", False):
             raise ValueError(
                 f"vision.model_name={cfg.model_name!r}: token reduction needs exactly one [CLS] prefix token"
             )
-        for i, blk in enumerate(self.vit.blocks):
+        for i, blk in enumerate(vit.blocks):
             if not (hasattr(blk, "attn") and hasattr(blk.attn, "qkv") and hasattr(blk, "mlp")):
                 raise ValueError(f"vision.model_name={cfg.model_name!r}: block {i} is not a timm pre-norm ViT block")
-        self.embed_dim = self.vit.embed_dim
-        self.patch_size = self.vit.patch_embed.patch_size[0]
-        self.num_patches = self.vit.patch_embed.num_patches
-        self.plan: ReductionPlan = build_plan(cfg.reduction, len(self.vit.blocks), self.num_patches)
+        # timm's modules and parameters, owned directly (same state-dict names as timm's ViT):
+        # under ZeRO-3 a module's own parameters are gathered only inside its forward.
+        self.patch_embed, self.cls_token, self.pos_embed = vit.patch_embed, vit.cls_token, vit.pos_embed
+        self.pos_drop, self.patch_drop, self.norm_pre = vit.pos_drop, vit.patch_drop, vit.norm_pre
+        self.blocks, self.norm = vit.blocks, vit.norm
+        self.no_embed_class = vit.no_embed_class
+        self.embed_dim = vit.embed_dim
+        self.patch_size = vit.patch_embed.patch_size[0]
+        self.num_patches = vit.patch_embed.num_patches
+        self.plan: ReductionPlan = build_plan(cfg.reduction, len(self.blocks), self.num_patches)
         self.grad_checkpointing = cfg.grad_checkpointing
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -143,7 +149,7 @@ class VisionEncoder(nn.Module):
             ``(x, size, ids, scores)``; scores is ``[B, N-1]`` [CLS]-query attention over the
             layer's input tokens when ``want_scores`` (ELIP reuse), else None.
         """
-        blk, plan = self.vit.blocks[i], self.plan
+        blk, plan = self.blocks[i], self.plan
         attn = blk.attn
         B, N, _ = x.shape
         h = blk.norm1(x)
@@ -164,9 +170,8 @@ class VisionEncoder(nn.Module):
         if want_scores or rate is not None:
             q_row = q[:, :, :1]
             if guide is not None:
-                # The text-fused [CLS] as one extra query row: same projection, no extra pass.
-                w, b = attn.qkv.weight[: attn.attn_dim], attn.qkv.bias
-                q_row = F.linear(blk.norm1(guide), w, None if b is None else b[: attn.attn_dim])
+                # The text-fused [CLS] as one extra query row of this layer: no extra pass.
+                q_row = attn.qkv(blk.norm1(guide))[:, : attn.attn_dim]
                 q_row = attn.q_norm(q_row.reshape(B, attn.num_heads, 1, attn.head_dim))
             scores = _cls_attention(q_row, k, attn.scale, bias)
         if rate is not None:
@@ -202,6 +207,14 @@ class VisionEncoder(nn.Module):
             x, _, _, scores = self._block(j, x, None, None, None, want_scores=j == end - 1)
         return scores
 
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``[B, 1+M, D]``: patches, [CLS] and position embeddings (timm's order)."""
+        x = self.patch_embed(images)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        if self.no_embed_class:  # DeiT-3 / big_vision: the position table has no [CLS] entry
+            return self.pos_drop(torch.cat([cls, x + self.pos_embed], dim=1))
+        return self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)
+
     # -- whole encoder -------------------------------------------------------------------------
     def forward(
         self, images: torch.Tensor, text_cls: torch.Tensor | None = None, track_patches: bool = False
@@ -215,8 +228,8 @@ class VisionEncoder(nn.Module):
         Returns:
             :class:`VisionOutput`.
         """
-        vit, plan = self.vit, self.plan
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        plan = self.plan
+        x = self.norm_pre(self.patch_drop(self._embed(images)))
         B, M = x.shape[0], x.shape[1] - 1
         ids = torch.arange(M, device=x.device).expand(B, M) if track_patches else None
         size, scores, lengths = None, None, []
@@ -239,7 +252,7 @@ class VisionEncoder(nn.Module):
             kept_patches = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)
             kept_patches.scatter_(1, ids + 1, True)  # fused tokens (-1) land in column 0
             kept_patches = kept_patches[:, 1:]
-        return VisionOutput(vit.norm(x), lengths, kept_patches)
+        return VisionOutput(self.norm(x), lengths, kept_patches)
 
 
 def _track(ids: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor | None:
