@@ -1,0 +1,1 @@
+"""DeepSpeed pre-training: engine, loop, checkpoint/resume, TensorBoard (``python -m pipeline.train``)."""

@@ -1,0 +1,35 @@
+"""``python -m pipeline.train --config NAME_OR_PATH [key=value ...]`` (console script ``elip-train``).
+
+Runs under torchrun, the deepspeed launcher, srun, or as a single plain process.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config, shipped_configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Pre-train a language-image model with DeepSpeed. Overrides are dotted key=value pairs, "
+                    "e.g. train.run_dir=runs/x optim.lr=2e-4 data.batch_size=32 train.deepspeed=zero3.")
+    parser.add_argument("--config", required=True,
+                        help=f"shipped config name ({', '.join(shipped_configs()) or 'none yet'}) or a YAML path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from pipeline.train.loop import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""The pre-training loop: DeepSpeed engine, steps, logging, checkpoints, signals, evaluation."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ExperimentConfig, save_config
+from pipeline.data import TrainLoader
+from pipeline.models import build_model
+
+from . import checkpoint as ckpt
+from .compat import patch_scalar_broadcast
+from .distributed import DistInfo, setup_distributed
+from .monitor import Monitor, kept_patch_grid, peak_memory_gb
+from .optim import build_ds_config, build_optimizer, build_scheduler, offloads_optimizer
+
+log = logging.getLogger("pipeline.train")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank == 0:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _write_status(run_dir: Path, state: str, step: int, **extra) -> None:
+    path = run_dir / "status.json"
+    tmp = path.with_name(".status.json.tmp")
+    tmp.write_text(json.dumps({"state": state, "step": step, "time": time.time(), **extra}))
+    tmp.replace(path)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _eval_hook(cfg: ExperimentConfig):
+    """The evaluation entry point, imported up front so a missing module fails before training."""
+    if cfg.eval.every <= 0:
+        return None
+    if not cfg.eval.shards:
+        raise ValueError("eval.shards: eval.every > 0 needs an evaluation shard set")
+    from pipeline.eval.retrieval import evaluate
+
+    return evaluate
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, info: DistInfo):
+        import deepspeed
+
+        self.cfg, self.info = cfg, info
+        t = cfg.train
+        self.run_dir = Path(t.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.dtype = DTYPES[t.precision]
+        self.evaluate = _eval_hook(cfg)
+
+        _seed_all(t.seed)  # the same initial weights on every rank
+        model = build_model(cfg.model)
+        if t.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ValueError(f"train.grad_checkpointing: model {cfg.model.name!r} has no set_grad_checkpointing()")
+            model.set_grad_checkpointing(True)
+        self.patch_size = getattr(model, "patch_size", None)
+        self.exclude_frozen = any(not p.requires_grad for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+
+        self.ds_config = build_ds_config(cfg, info.world_size)
+        self.loader = TrainLoader(cfg.data, rank=info.rank, world_size=info.world_size, batch_multiple=t.grad_accum)
+        self.accum = t.grad_accum
+        self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
+        self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
+        self.global_batch = cfg.data.batch_size * self.accum * info.world_size
+
+        patch_scalar_broadcast()
+        optimizer = build_optimizer(model, cfg, offload=offloads_optimizer(self.ds_config))
+        scheduler = build_scheduler(optimizer, cfg, self.total_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        log.info("model %s: %.2fM parameters (%.2fM trainable); %d ranks, %s, ZeRO stage %s (%s), %s",
+                 cfg.model.name, n_all / 1e6, n_train / 1e6, info.world_size, info.device,
+                 self.ds_config.get("zero_optimization", {}).get("stage", 0), t.deepspeed, t.precision)
+        log.info("data: %d samples/epoch, %d batches of %d per rank per epoch; %d steps/epoch, %d steps "
+                 "(global batch %d)", self.loader.num_samples, self.loader.batches_per_epoch, cfg.data.batch_size,
+                 self.steps_per_epoch, self.total_steps, self.global_batch)
+
+        self.step = 0
+        self.samples_seen = 0
+        self._resume()
+
+    # ------------------------------------------------------------------ resume
+
+    def _resume(self) -> None:
+        info, t = self.info, self.cfg.train
+        tag_dir = ckpt.resolve_resume(t.resume, self.run_dir)
+        if tag_dir is None:
+            _seed_all(t.seed + info.rank)  # per-rank training randomness (dropout, masking)
+            return
+        client, rank_state = ckpt.load(self.engine, tag_dir, rank=info.rank, exclude_frozen=self.exclude_frozen)
+        self.step = int(client["step"])
+        self.samples_seen = int(client.get("samples_seen", self.step * self.global_batch))
+        if rank_state is not None and rank_state.get("world_size") == info.world_size:
+            ckpt.set_rng_state(rank_state["rng"])
+            self.loader.position.load_state_dict(rank_state["data"])
+        else:
+            log.warning("resuming %s with %d ranks (saved with another world size): data position and RNG "
+                        "are approximated from the step", tag_dir, info.world_size)
+            _seed_all(t.seed + info.rank + 1000003 * self.step)
+            epoch = self.step // self.steps_per_epoch
+            self.loader.position.start_epoch(epoch, num_workers=0)  # 0: unknown split, estimate the skip
+            self.loader.position.batches = (self.step - epoch * self.steps_per_epoch) * self.accum
+        log.info("resumed from %s at step %d (%d samples seen)", tag_dir, self.step, self.samples_seen)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _barrier(self) -> None:
+        dist.barrier()
+
+    def save(self) -> Path:
+        return ckpt.save(
+            self.engine, self.ckpt_dir, self.step,
+            client_state={"step": self.step, "samples_seen": self.samples_seen,
+                          "epoch": self.step // self.steps_per_epoch},
+            rank_state={"world_size": self.info.world_size, "rng": ckpt.rng_state(),
+                        "data": self.loader.position.state_dict()},
+            rank=self.info.rank, world_size=self.info.world_size, exclude_frozen=self.exclude_frozen,
+            keep=self.cfg.train.keep_checkpoints, barrier=self._barrier)
+
+    def run_eval(self, monitor: Monitor) -> dict | None:
+        if self.evaluate is None:
+            return None
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        t0 = time.time()
+        with torch.no_grad():
+            metrics = self.evaluate(model, self.cfg, device=self.info.device, dtype=self.dtype,
+                                    rank=self.info.rank, world_size=self.info.world_size)
+        model.train(was_training)
+        if self.info.is_main and metrics:
+            monitor.scalars(self.step, {f"eval/{k}": float(v) for k, v in metrics.items()
+                                        if isinstance(v, (int, float))})
+            with open(self.run_dir / "eval_history.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+            log.info("eval at step %d (%.0fs): %s", self.step, time.time() - t0,
+                     " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> str:
+        info, t = self.info, self.cfg.train
+        stop = StopFlag()
+        stop.install()
+        monitor = Monitor(self.run_dir, self.step, info.is_main)
+        if info.is_main:
+            _write_status(self.run_dir, "running", self.step)
+        engine = self.engine
+        engine.train()
+        device = info.device
+
+        interval = _Interval()
+        last_saved = last_eval = -1
+        state = "finished"
+        last_batch = last_out = None
+        try:
+            while self.step < self.total_steps:
+                epoch = self.step // self.steps_per_epoch
+                batches = self.loader.iter_epoch(epoch)
+                epoch_end = min(self.total_steps, (epoch + 1) * self.steps_per_epoch)
+                while self.step < epoch_end:
+                    self._step_lr = engine.get_lr()[0]  # the rate this step uses
+                    for micro in range(self.accum):
+                        t0 = time.perf_counter()
+                        try:
+                            batch = next(batches)
+                        except StopIteration:
+                            raise RuntimeError(f"the loader ended early in epoch {epoch} (step {self.step})") from None
+                        interval.data_time += time.perf_counter() - t0
+                        batch["image"] = batch["image"].to(device, dtype=self.dtype, non_blocking=True)
+                        batch["epoch_progress"] = (self.step + micro / self.accum) / self.steps_per_epoch
+                        out = engine(batch)
+                        engine.backward(out["loss"])
+                        engine.step()
+                        interval.add(out, len(batch["text"]))
+                        last_batch, last_out = batch, out
+                    self.step += 1
+                    self.samples_seen += self.global_batch
+                    interval.steps += 1
+
+                    signum = self._agreed_signal(stop)
+                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                        self._log(monitor, interval, last_out)
+                        interval = _Interval()
+                    if t.image_grid_every and self.step % t.image_grid_every == 0:
+                        self._image_grid(monitor, last_batch, last_out)
+                    if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+                        self.run_eval(monitor)
+                        last_eval = self.step
+                    if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                        self.save()
+                        last_saved = self.step
+                    if signum:
+                        state = "preempted"
+                        log.warning("signal %s: checkpointing at step %d and stopping (resume with train.resume=latest)",
+                                    signal.Signals(signum).name, self.step)
+                        break
+                    if t.stop_at_step and self.step == t.stop_at_step:
+                        state = "stopped"
+                        log.info("train.stop_at_step=%d reached; checkpointing and stopping", t.stop_at_step)
+                        break
+                if state != "finished":
+                    break
+            if self.cfg.eval.every and state == "finished" and last_eval != self.step:
+                self.run_eval(monitor)
+            if last_saved != self.step:
+                self.save()
+        finally:
+            monitor.close()
+        if info.is_main:
+            _write_status(self.run_dir, state, self.step, total_steps=self.total_steps)
+            log.info("%s at step %d/%d (%d samples seen); checkpoints in %s", state, self.step, self.total_steps,
+                     self.samples_seen, self.ckpt_dir)
+        return state
+
+    def _agreed_signal(self, stop: StopFlag) -> int:
+        """A signal on any rank stops every rank at the same step."""
+        flag = torch.tensor([stop.signum], dtype=torch.int64)
+        if self.info.backend == "nccl":
+            flag = flag.to(self.info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        x = torch.tensor(values, dtype=torch.float64)
+        if self.info.backend == "nccl":
+            x = x.to(self.info.device)
+        dist.all_reduce(x, op=op)
+        return x.cpu().tolist()
+
+    def _log(self, monitor: Monitor, interval: "_Interval", out: dict) -> None:
+        info = self.info
+        world = info.world_size
+        elapsed = max(time.perf_counter() - interval.start, 1e-9)
+        keys = sorted(interval.losses)
+        mem_tag, mem = peak_memory_gb(info.device)
+        sums = self._reduce([interval.losses[k] / max(1, interval.micro) for k in keys]
+                            + [interval.data_time / elapsed, float(self.loader.position.errors)], dist.ReduceOp.SUM)
+        (mem_max,) = self._reduce([mem], dist.ReduceOp.MAX)
+        rank_rate = torch.zeros(world, dtype=torch.float64)
+        rank_rate[info.rank] = interval.samples / elapsed
+        rates = self._reduce(rank_rate.tolist(), dist.ReduceOp.SUM)
+        if not info.is_main:
+            return
+        losses = {f"train/{k}": v / world for k, v in zip(keys, sums[: len(keys)])}
+        values = dict(losses)
+        values["train/lr"] = self._step_lr
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            values["train/grad_norm"] = float(gn)
+        values["train/epoch"] = self.step / self.steps_per_epoch
+        values["perf/samples_per_s"] = sum(rates)
+        for r, v in enumerate(rates):
+            values[f"perf/samples_per_s_rank{r}"] = v
+        values["perf/data_time_fraction"] = sums[len(keys)] / world
+        values["data/skipped_samples"] = sums[len(keys) + 1]
+        values[mem_tag] = mem_max
+        tokens = out.get("tokens_per_layer") if out else None
+        if tokens:
+            for i, n in enumerate(tokens):
+                values[f"tokens/layer_{i:02d}"] = float(n)
+        monitor.scalars(self.step, values)
+        parts = " ".join(f"{k[len('train/loss_'):]} {v:.3f}" for k, v in losses.items() if k.startswith("train/loss_"))
+        log.info("step %d/%d ep %.2f | loss %.4f (%s) | lr %.2e | %.1f samples/s, data %.0f%% | grad %s | %s %.2f GiB%s",
+                 self.step, self.total_steps, values["train/epoch"], losses.get("train/loss", float("nan")), parts,
+                 values["train/lr"], values["perf/samples_per_s"], 100 * values["perf/data_time_fraction"],
+                 f"{values['train/grad_norm']:.3f}" if "train/grad_norm" in values else "n/a", mem_tag.split("/")[1],
+                 mem_max, f" | tokens {'>'.join(str(int(n)) for n in tokens)}" if tokens else "")
+
+    def _image_grid(self, monitor: Monitor, batch: dict, out: dict) -> None:
+        if not self.info.is_main or batch is None or out is None:
+            return
+        kept = out.get("kept_patches")
+        if kept is None or not self.patch_size:
+            return
+        grid = kept_patch_grid(batch["image"], kept, int(self.patch_size), self.cfg.train.image_grid_samples)
+        monitor.image(self.step, "tokens/kept_patches", grid)
+        monitor.text(self.step, "tokens/kept_patches_captions",
+                     "\n\n".join(batch["text"][: self.cfg.train.image_grid_samples]))
+
+
+class _Interval:
+    """Sums over the steps between two log lines (this rank)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.data_time = 0.0
+        self.steps = self.micro = self.samples = 0
+        self.losses: dict[str, float] = {}
+
+    def add(self, out: dict, n: int) -> None:
+        self.micro += 1
+        self.samples += n
+        for k, v in out.items():
+            if k == "loss" or k.startswith("loss_"):
+                self.losses[k] = self.losses.get(k, 0.0) + float(v.detach().float())
+
+
+def train(cfg: ExperimentConfig) -> str:
+    """Run (or resume) a pre-training; returns 'finished', 'stopped' or 'preempted'."""
+    info = setup_distributed()
+    run_dir = Path(cfg.train.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    _setup_logging(run_dir, info.rank)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    state = Trainer(cfg, info).train()
+    dist.barrier()
+    dist.destroy_process_group()
+    return state
