@@ -325,7 +325,7 @@ class TrainLoader:
         if not cfg.resampled and len(self.urls) < world_size * max(1, self.num_workers):
             log.warning("%d shards for %d ranks x %d workers: some workers will repeat shards within an epoch",
                         len(self.urls), world_size, max(1, self.num_workers))
-        self.transform = transform or train_transform(cfg.image_size, cfg.crop_scale, cfg.randaugment)
+        self.transform = transform or train_transform(cfg.image_size, cfg.crop_scale, cfg.randaugment, cfg.hflip)
         self.position = LoaderPosition(num_workers=max(1, self.num_workers))
 
     def _raw_skip(self, epoch: int, start: int, workers: int) -> dict[int, int]:
@@ -399,7 +399,7 @@ class _EvalStream(IterableDataset):
                     "key": [s["key"] for s in samples]}
 
         return iter(wds.DataPipeline(
-            [dict(url=u) for u in self.urls],
+            lambda: iter([dict(url=u) for u in self.urls]),
             lambda src: _split(src, self.rank, self.world_size),  # split_by_node
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=errors),
