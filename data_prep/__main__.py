@@ -1,0 +1,74 @@
+"""Command line: ``python -m data_prep SOURCE [options] --out DIR`` and ``... report DIR``."""
+import argparse
+import os
+import sys
+
+from . import captions, cc3m, coco, flickr30k, images, report, sbu, synthetic, vg
+from .errors import DataPrepError
+
+SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic)
+
+
+def _common(parser) -> None:
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="DIR", help="output directory (shards, manifest.json, sizes.json)")
+    g.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    g.add_argument("--prefix", help="shard name prefix (default: the source, plus the split for eval sets)")
+    g.add_argument("--min-shards", type=int, default=64,
+                   help="warn when there are fewer shards than this many data-loader readers "
+                        "(default 64 = 2 nodes x 8 GPUs x 4 workers)")
+    g.add_argument("--overwrite", action="store_true", help="delete this prefix's shards and start again")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes writing shards of local sources (default: CPU count)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = parser.add_argument_group("captions and images")
+    g.add_argument("--max-words", type=int, default=captions.DEFAULT_MAX_WORDS,
+                   help=f"cut captions to this many words (default {captions.DEFAULT_MAX_WORDS}; 0 keeps all)")
+    if "--image-size" in parser._option_string_actions:
+        return  # a source that draws its images (synthetic) has its own size option
+    g.add_argument("--image-size", type=int, default=384,
+                   help="resize target in px (default 384; 0 keeps the original size)")
+    g.add_argument("--resize-mode", choices=images.RESIZE_MODES, default="keep_ratio",
+                   help="keep_ratio: shorter side = size; center_crop; border: pad to a square; no "
+                        "(never upscales; default keep_ratio)")
+    g.add_argument("--min-image-size", type=int, default=0, help="skip images whose shorter side is smaller")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Build webdataset shards (KEY.jpg, KEY.txt, KEY.json) with manifest.json and sizes.json. "
+                    "Re-running a killed command resumes it.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SOURCE")
+    for module in SOURCES:
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.__doc__)
+        module.add_arguments(p)
+        _common(p)
+        p.set_defaults(run=module.run)
+    p = sub.add_parser("report", help="print counts and top errors of an output directory",
+                       description=report.__doc__)
+    report.add_arguments(p)
+    p.set_defaults(run=report.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m data_prep`` and the ``elip-data-prep`` console script.
+
+    Returns (and exits with) 0 on success, 2 on a usage or input error (one line on stderr,
+    no traceback), 1 when work is left undone (img2dataset failures), 130 when interrupted.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DataPrepError as err:
+        print(f"data_prep: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("data_prep: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
