@@ -48,6 +48,7 @@ class DataConfig:
     seed: int = 0  # data order: shard and sample shuffles, augmentations
     max_words: int = 30  # captions are cut to this many words (ALBEF pre_caption)
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop scale
+    hflip: bool = True  # random horizontal flip (off for captions that say "left"/"right")
     randaugment: bool = True  # ALBEF's RandomAugment(2, 7) op set on torchvision's RandAugment
 
 
@@ -82,6 +83,9 @@ class TrainConfig:
     resume: str = "latest"  # latest | none | path to a run dir, checkpoints dir or checkpoint tag
     seed: int = 42  # model init and training randomness (each rank adds its rank)
     stop_at_step: int = 0  # stop with a checkpoint after this step, schedule unchanged; 0 = run to the end
+    # Leave parameters with requires_grad=False out of checkpoints (a frozen LLM that the model
+    # reloads from its own weights). Not for EMA teachers (ALBEF's momentum encoders): they change.
+    exclude_frozen_parameters: bool = False
 
 
 @dataclass

@@ -97,17 +97,21 @@ def parse_shard_spec(spec: str, weights: list[float] | None = None) -> tuple[lis
 
 
 def shard_weights(sources: list[Source], weights: list[float] | None) -> tuple[list[str], list[float]]:
-    """All urls, with per-url weights so that each source is drawn with its weight in total
-    (a source's weight is spread over its shards in proportion to their sizes when known)."""
+    """All urls with the draw weight of each, for sampling shards with replacement.
+
+    A draw of shard ``u`` yields ``size_u`` samples. Unweighted, every shard is equally likely,
+    so every sample is. Weighted, a shard of source ``s`` gets ``w_s / samples_s``: the expected
+    share of samples from ``s`` is then ``w_s / sum(w)``, uniform within the source (sizes
+    unknown: ``w_s / shards_s``, i.e. shards assumed equal)."""
     urls: list[str] = []
     out: list[float] = []
     for i, src in enumerate(sources):
         n, total = len(src.urls), src.num_samples
-        if weights is None:  # unweighted: every sample equally likely (uniform shards if sizes unknown)
-            per = [float(s) for s in src.sizes] if total else [1.0] * n  # type: ignore[arg-type]
-        else:  # the source's weight, spread over its shards by size
+        if weights is None:
+            per = [1.0] * n
+        else:
             w = float(weights[i])
-            per = [w * s / total for s in src.sizes] if total else [w / n] * n  # type: ignore[operator]
+            per = [w / total] * n if total else [w / n] * n
         urls.extend(src.urls)
         out.extend(per)
     return urls, out

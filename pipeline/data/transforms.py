@@ -38,11 +38,10 @@ class AlbefRandAugment(T.RandAugment):
         return {k: v for k, v in space.items() if k in ALBEF_OPS}
 
 
-def train_transform(image_size: int, crop_scale=(0.5, 1.0), randaugment: bool = True) -> T.Compose:
-    ops = [
-        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-    ]
+def train_transform(image_size: int, crop_scale=(0.5, 1.0), randaugment: bool = True, hflip: bool = True) -> T.Compose:
+    ops = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)]
+    if hflip:
+        ops.append(T.RandomHorizontalFlip())
     if randaugment:
         ops.append(AlbefRandAugment())
     ops += [T.ToTensor(), T.Normalize(MEAN, STD)]

@@ -101,7 +101,7 @@ class Trainer:
                 raise ValueError(f"train.grad_checkpointing: model {cfg.model.name!r} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         self.patch_size = getattr(model, "patch_size", None)
-        self.exclude_frozen = any(not p.requires_grad for p in model.parameters())
+        self.exclude_frozen = t.exclude_frozen_parameters
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
 

@@ -1,0 +1,182 @@
+"""webdataset loading: shard specs, node/worker split, equal batches per rank, mixing,
+corrupt samples skipped and counted, exact resume position, evaluation batches."""
+import json
+import logging
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data import LoaderPosition, TrainLoader, build_eval_loader, parse_shard_spec, worker_batches
+from pipeline.data.loader import shard_assignment
+from pipeline.data.shards import ShardSpecError, shard_weights
+from tests.helpers_train import write_shards
+
+
+def data_cfg(shards, **kw):
+    base = dict(train_shards=str(shards), image_size=32, batch_size=4, workers=0, shuffle_buffer=8,
+                randaugment=True)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def epoch_keys(loader, epoch=0):
+    return [k for b in loader.iter_epoch(epoch) for k in b["key"]]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(root / "a", shards=4, per_shard=8, prefix="a", key_prefix="a")
+    write_shards(root / "b", shards=2, per_shard=6, prefix="b", key_prefix="b")
+    return root
+
+
+def test_brace_expansion_directories_and_manifest_sizes(shards):
+    (src,), _ = parse_shard_spec(f"{shards}/a/a-{{000000..000003}}.tar")
+    assert [u.rsplit("/", 1)[1] for u in src.urls] == [f"a-{i:06d}.tar" for i in range(4)]
+    assert src.sizes == (8, 8, 8, 8) and src.num_samples == 32
+    (by_dir,), _ = parse_shard_spec(str(shards / "a"))
+    assert by_dir.urls == src.urls and by_dir.num_samples == 32
+    sources, weights = parse_shard_spec(f"{shards}/a::{shards}/b/b-{{000000..000001}}.tar", [3, 1])
+    assert [s.num_samples for s in sources] == [32, 12] and weights == [3, 1]
+    urls, w = shard_weights(sources, weights)
+    # expected samples per draw of each source: weight per shard x shard size, summed = the weight
+    assert len(urls) == 6
+    assert sum(x * 8 for x in w[:4]) == pytest.approx(3) and sum(x * 6 for x in w[4:]) == pytest.approx(1)
+    with pytest.raises(ShardSpecError, match="2 sources but 1 weights"):
+        parse_shard_spec(f"{shards}/a::{shards}/b", [1])
+
+
+def test_concatenated_sources_set_the_epoch_length(shards):
+    loader = TrainLoader(data_cfg(f"{shards}/a::{shards}/b"), rank=0, world_size=1)
+    assert loader.num_samples == 44 and loader.batches_per_epoch == 11
+    keys = epoch_keys(loader)
+    assert len(keys) == 44
+    assert sorted(Counter(keys).values()) == [1] * 44  # every sample once: passes drain the buffer
+
+
+def test_weights_need_resampled_and_unknown_sizes_need_num_samples(shards, tmp_path):
+    with pytest.raises(ValueError, match="data.train_weights"):
+        TrainLoader(data_cfg(f"{shards}/a::{shards}/b", train_weights=[1.0, 1.0]))
+    write_shards(tmp_path, shards=1, per_shard=4, manifest=False)
+    with pytest.raises(ValueError, match="data.train_num_samples"):
+        TrainLoader(data_cfg(f"{tmp_path}/toy-000000.tar"))
+    assert TrainLoader(data_cfg(f"{tmp_path}/toy-000000.tar", train_num_samples=4)).batches_per_epoch == 1
+
+
+def test_resampled_mixing_follows_the_weights(shards):
+    spec = f"{shards}/a::{shards}/b"
+    only_a = TrainLoader(data_cfg(spec, resampled=True, train_weights=[1.0, 0.0], train_num_samples=64))
+    assert {k[0] for k in epoch_keys(only_a)} == {"a"}
+    mixed = TrainLoader(data_cfg(spec, resampled=True, train_weights=[1.0, 3.0], train_num_samples=1600, randaugment=False,
+                                 shuffle_buffer=0))
+    seen = Counter(k[0] for k in epoch_keys(mixed))
+    assert 0.15 < seen["a"] / sum(seen.values()) < 0.35  # about 1 : 3 of the samples, by source weight
+    assert len(set(epoch_keys(mixed, epoch=1))) > 30  # many different samples of both sources
+
+
+def test_split_by_node_and_worker_gives_disjoint_shards(shards):
+    (src,), _ = parse_shard_spec(str(shards / "a"))
+    urls = list(src.urls)
+    for epoch in (0, 1):
+        parts = [shard_assignment(urls, seed=0, epoch=epoch, rank=r, world_size=2, worker=w, num_workers=2)
+                 for r in range(2) for w in range(2)]
+        assert all(len(p) == 1 for p in parts)
+        assert sorted(u for p in parts for u in p) == sorted(urls)  # disjoint and covering
+    orders = {tuple(shard_assignment(urls, 0, e, 0, 1, 0, 1)) for e in range(6)}
+    assert len(orders) > 1  # the shard order changes with the epoch ...
+    assert shard_assignment(urls, 0, 3, 0, 1, 0, 1) == shard_assignment(urls, 0, 3, 0, 1, 0, 1)  # ... deterministically
+
+
+def test_ranks_read_disjoint_samples_and_get_equal_batch_counts(tmp_path):
+    # 5 shards of unequal size over 2 ranks: a rank whose shards run short repeats data
+    for i, n in enumerate([9, 3, 7, 5, 6]):
+        write_shards(tmp_path / f"s{i}", shards=1, per_shard=n, prefix=f"s{i}")
+    spec = "::".join(str(tmp_path / f"s{i}") for i in range(5))
+    loaders = [TrainLoader(data_cfg(spec, batch_size=3), rank=r, world_size=2) for r in range(2)]
+    assert loaders[0].batches_per_epoch == loaders[1].batches_per_epoch == 30 // 6
+    batches = [[b for b in lo.iter_epoch(0)] for lo in loaders]
+    assert [len(b) for b in batches] == [5, 5]
+    assert all(b["image"].shape == (3, 3, 32, 32) for bs in batches for b in bs)
+
+
+def test_two_workers_equal_counts_and_exact_resume(shards):
+    cfg = data_cfg(shards / "a", workers=2, randaugment=True)
+    full = [b for b in TrainLoader(cfg, rank=1, world_size=2).iter_epoch(0)]
+    assert len(full) == 4
+    for stop in (1, 3):  # resume on either worker of the round-robin
+        loader = TrainLoader(cfg, rank=1, world_size=2)
+        it = loader.iter_epoch(0)
+        head = [next(it) for _ in range(stop)]
+        it.close()
+        state = json.loads(json.dumps(loader.position.state_dict()))  # survives a JSON round trip
+        resumed = TrainLoader(cfg, rank=1, world_size=2)
+        resumed.position.load_state_dict(state)
+        tail = list(resumed.iter_epoch(0))
+        got = head + tail
+        assert [b["key"] for b in got] == [b["key"] for b in full]
+        for a, b in zip(got, full):  # same augmentations too: they are seeded per sample
+            assert torch.equal(a["image"], b["image"]) and a["text"] == b["text"]
+        assert resumed.position.batches == 4
+    # the next epoch starts from its beginning
+    assert len(list(resumed.iter_epoch(1))) == 4 and resumed.position.epoch == 1
+
+
+def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog):
+    write_shards(tmp_path, shards=2, per_shard=8, corrupt_keys=("000003",))
+    tar = tmp_path / "toy-000001.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) * 2 // 3 + 700])  # a tar cut short inside a member
+    with pytest.raises(tarfile.ReadError):
+        with tarfile.open(tar, "r|") as tf:
+            for member in tf:
+                tf.extractfile(member).read()
+    loader = TrainLoader(data_cfg(tmp_path, train_num_samples=16, shuffle_buffer=0), rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        batches = list(loader.iter_epoch(0))
+    assert len(batches) == 4 and all(len(b["text"]) == 4 for b in batches)  # training goes on
+    keys = [k for b in batches for k in b["key"]]
+    assert "000003" not in keys
+    assert loader.position.errors == 2  # the broken JPEG and the truncated tar
+    logged = [r.getMessage() for r in caplog.records if "skipped a broken sample" in r.getMessage()]
+    assert len(logged) == 1  # rate-limited: the first one, then at most one line per 30 s
+
+
+def test_captions_are_cleaned_and_cut(tmp_path):
+    import webdataset as wds
+    from tests.helpers_train import _jpeg
+
+    with wds.TarWriter(str(tmp_path / "c-000000.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"k{i}", "jpg": _jpeg((200, 0, 0), 32, i),
+                        "txt": "A RED, Square -- on the left! " + "word " * 50})
+    loader = TrainLoader(data_cfg(tmp_path / "c-000000.tar", train_num_samples=4, max_words=6))
+    (batch,) = list(loader.iter_epoch(0))
+    assert batch["text"][0] == "a red square on the left"  # 6 words, punctuation dropped
+
+
+def test_position_bookkeeping():
+    assert [worker_batches(7, 3, w) for w in range(3)] == [3, 2, 2]
+    pos = LoaderPosition()
+    pos.start_epoch(2, num_workers=2)
+    pos.update({"worker": 0, "raw_end": 4, "errors": 1})
+    pos.update({"worker": 1, "raw_end": 5, "errors": 0})
+    assert (pos.epoch, pos.batches, pos.errors) == (2, 2, 1)
+    pos.start_epoch(3, num_workers=2)
+    assert pos.errors == 1 and pos.batches == 0  # errors accumulate over epochs
+
+
+def test_eval_loader_yields_every_image_once_with_all_captions(tmp_path):
+    write_shards(tmp_path, shards=3, per_shard=5, captions_per_image=3)
+    batches = list(build_eval_loader(str(tmp_path), image_size=32, batch_size=4))
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == sorted(f"{s:03d}{i:03d}" for s in range(3) for i in range(5))
+    assert [len(b["key"]) for b in batches][-1] <= 4 and batches[0]["image"].shape[1:] == (3, 32, 32)
+    assert all(len(c) == 3 for b in batches for c in b["captions"])
+    split = [list(build_eval_loader(str(tmp_path), image_size=32, batch_size=4, rank=r, world_size=2))
+             for r in range(2)]
+    rank_keys = [{k for b in bs for k in b["key"]} for bs in split]
+    assert not rank_keys[0] & rank_keys[1] and rank_keys[0] | rank_keys[1] == set(keys)
