@@ -1,6 +1,5 @@
 """Command line: ``python -m data_prep SOURCE [options] --out DIR`` and ``... report DIR``."""
 import argparse
-import os
 import sys
 
 from . import captions, cc3m, coco, flickr30k, images, report, sbu, synthetic, vg
@@ -18,8 +17,9 @@ def _common(parser) -> None:
                    help="warn when there are fewer shards than this many data-loader readers "
                         "(default 64 = 2 nodes x 8 GPUs x 4 workers)")
     g.add_argument("--overwrite", action="store_true", help="delete this prefix's shards and start again")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes writing shards of local sources (default: CPU count)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="processes writing shards (default: CPU count for local image files; "
+                        "synthetic: 1 below 20000 images, where starting processes costs more than it saves)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = parser.add_argument_group("captions and images")
     g.add_argument("--max-words", type=int, default=captions.DEFAULT_MAX_WORDS,

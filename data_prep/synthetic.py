@@ -8,6 +8,7 @@ and different images are distinguishable (over 40 000 compositions), which makes
 retrieval above chance possible. Everything is a pure function of (seed, split, index).
 """
 import io
+import os
 import random
 from pathlib import Path
 
@@ -168,6 +169,7 @@ def run(args) -> dict:
     split = "test" if args.eval else "train"
     cpi = args.captions_per_image or (5 if args.eval else 1)
     return build(args.out, args.num, seed=args.seed, image_size=args.image_size, shard_size=args.shard_size,
-                 captions_per_image=cpi, split=split, prefix=args.prefix, workers=args.workers,
+                 captions_per_image=cpi, split=split, prefix=args.prefix,
+                 workers=args.workers or (1 if args.num < 20000 else os.cpu_count() or 1),
                  max_words=args.max_words, min_shards=args.min_shards, overwrite=args.overwrite,
                  show_progress=not args.no_progress)

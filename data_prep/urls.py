@@ -8,14 +8,11 @@ samples in row order) through the same resumable writer the local sources use, a
 per-row errors (from img2dataset's per-shard parquet) are counted by reason. The staging
 files of a shard are deleted once it is converted, so a dataset needs little extra disk.
 """
-import json
 import math
 import os
 import shutil
-import signal
 import tarfile
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,14 +20,10 @@ from . import manifest, writer
 from .annotations import EVAL_SPLITS, Parsed, require_file
 from .captions import clean_captions
 from .errors import DataPrepError
-from .images import open_checked
 from .reasons import BAD_ROW, EMPTY_CAPTION, OTHER, Skip, classify_download_error
 
-# albumentations (imported by img2dataset) otherwise asks PyPI for a newer version at import
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 STAGE_DIR = "_img2dataset"
-OOM_SHARD_COUNT = 5  # img2dataset's shard names: 00000.tar, 00000.parquet, 00000_stats.json
+OOM_SHARD_COUNT = 5  # as in i2d.py (not imported here: it loads img2dataset)
 
 
 class UrlRow(NamedTuple):
@@ -47,37 +40,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=64, help="download threads per process (default 64)")
     parser.add_argument("--timeout", type=int, default=10, help="seconds per image request (default 10)")
     parser.add_argument("--retries", type=int, default=0, help="retries per failed image (default 0)")
-
-
-def _resizer_class():
-    from img2dataset.resizer import Resizer
-
-    class CheckingResizer(Resizer):
-        """img2dataset's resizer, after a full PIL decode that names what is wrong with a bad
-        image: OpenCV reports a truncated JPEG and an HTML page alike ("Image decoding
-        error"), but the manifest must count them separately."""
-
-        def __call__(self, img_stream, blurring_bbox_list=None):
-            try:
-                open_checked(img_stream.getvalue())
-            except Skip as skip:
-                return None, None, None, None, None, f"{skip.reason}: {skip.detail}"
-            img_stream.seek(0)
-            return super().__call__(img_stream, blurring_bbox_list)
-
-    CheckingResizer.__module__ = __name__  # picklable by name for img2dataset's spawned workers
-    CheckingResizer.__qualname__ = "CheckingResizer"
-    return CheckingResizer
-
-
-def __getattr__(name):
-    # The class is created lazily so that importing data_prep never imports img2dataset
-    # (slow: OpenCV, albumentations, pandas); spawned workers resolve it through here.
-    if name == "CheckingResizer":
-        cls = _resizer_class()
-        globals()["CheckingResizer"] = cls
-        return cls
-    raise AttributeError(name)
 
 
 def _stats(stage: Path, index: int) -> Path:
@@ -111,38 +73,6 @@ class _Converter:
         if self.error is not None and exc[0] is None:
             raise self.error
         return False
-
-
-def _run_img2dataset(url_list: Path, stage: Path, options: dict) -> None:
-    import img2dataset
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        with _checking_resizer():
-            img2dataset.download(
-                url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
-                save_additional_columns=["captions", "image_id"], output_format="webdataset",
-                output_folder=str(stage), incremental_mode="incremental", extract_exif=False,
-                compute_hash=None, enable_wandb=False, oom_shard_count=OOM_SHARD_COUNT,
-                distributor="multiprocessing", **options)
-    except SystemExit:
-        # img2dataset's own SIGINT handler exits with status 0; a Ctrl-C must not look like success
-        raise KeyboardInterrupt from None
-    finally:
-        signal.signal(signal.SIGINT, previous)  # img2dataset replaced it for the whole process
-
-
-@contextmanager
-def _checking_resizer():
-    # img2dataset.download() builds its Resizer itself and offers no hook for validation,
-    # so its module-level name is swapped for the duration of the call.
-    import importlib
-    i2d_main = importlib.import_module("img2dataset.main")  # the module; the package re-exports a function named main
-    saved = i2d_main.Resizer
-    i2d_main.Resizer = __getattr__("CheckingResizer")
-    try:
-        yield
-    finally:
-        i2d_main.Resizer = saved
 
 
 def _write_input(rows: list, path: Path) -> None:
@@ -244,8 +174,9 @@ def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> d
                 timeout=args.timeout, retries=args.retries)
             # Convert shards while img2dataset works on the next ones: finished shards are
             # safe from a kill sooner, and staging never holds the whole dataset twice.
+            from .i2d import run_img2dataset  # imports img2dataset: only when downloading
             with _Converter(convert_ready):
-                _run_img2dataset(url_list, stage, options)
+                run_img2dataset(url_list, stage, options)
         convert_ready()
     progress.finish()
     if all(progress.is_done(i) for i in range(num_shards)):

@@ -175,7 +175,9 @@ def write_shard(out_dir: Path, prefix: str, index: int, start: int, rows: Sequen
 
 def warn_few_shards(prefix: str, num_shards: int, min_shards: int, shard_size: int) -> None:
     """Warn when fewer shards exist than data-loader readers are likely to want."""
-    if 0 < num_shards < min_shards:
+    if num_shards == 0:
+        print(f"warning: {prefix}: no usable rows in the input (see the failure counts)", file=sys.stderr)
+    elif num_shards < min_shards:
         print(f"warning: {prefix}: {num_shards} shard(s) but a typical job reads with {min_shards} "
               f"workers (nodes x GPUs x loader workers, --min-shards); some would get no shard. "
               f"Lower --shard-size (now {shard_size}) to about "

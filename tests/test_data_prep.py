@@ -332,6 +332,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, coco_dir):
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "coco-000004.tar").exists()  # it really stopped half-way
     assert not (out / "manifest.json").exists() or not manifest(out)["sources"]["coco"]["complete"]
+    assert "INCOMPLETE" in cli("report", out).stdout
     kept = (first.stat().st_ino, first.stat().st_mtime_ns)
 
     res = cli(*args, "--out", out)
@@ -517,3 +518,24 @@ def test_sbu_download_checks_the_published_md5(tmp_path, capsys):
         assert run("sbu", "--download", "--mirror", srv.url, "--out", tmp_path / "o", *FAST) == 2
     err = capsys.readouterr().err
     assert "SBUCaptionedPhotoDataset.tar.gz: md5 checksum mismatch (expected 9aec147b3488753cf758b4d493422285" in err
+
+
+def test_vg_download_from_mirror_unpacks_both_image_folders(tmp_path):
+    regions = [{"id": i, "regions": [{"image_id": i, "phrase": f"Region of {i}"}]} for i in (1, 2)]
+    image_data = [{"image_id": 1, "url": "https://x/VG_100K/1.jpg"}, {"image_id": 2, "url": "https://x/VG_100K_2/2.jpg"}]
+    files = {"/region_descriptions.json.zip": _zip({"region_descriptions.json": json.dumps(regions)}),
+             "/image_data.json.zip": _zip({"image_data.json": json.dumps(image_data)}),
+             "/images.zip": _zip({"VG_100K/1.jpg": jpeg(20, 20)}), "/images2.zip": _zip({"VG_100K_2/2.jpg": jpeg(21, 20)})}
+    out = tmp_path / "out"
+    with http_server(files) as srv:
+        assert run("vg", "--download", "--mirror", srv.url, "--cache-dir", tmp_path / "cache", "--out", out, *FAST) == 0
+    assert {v["txt"] for v in read_shards(out).values()} == {"region of 1", "region of 2"}
+    assert (tmp_path / "cache" / "VG_100K_2" / "2.jpg").exists()
+
+
+def test_help_for_every_source(capsys):
+    for source in ("coco", "vg", "sbu", "cc3m", "flickr30k", "synthetic", "report"):
+        with pytest.raises(SystemExit) as exit_:
+            main([source, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: python -m data_prep " + source in capsys.readouterr().out
