@@ -1,6 +1,7 @@
 """Side-by-side benchmarks: every method measured in one process, reported as ratios to ``none``.
 
-    python -m pipeline.bench tokens [--quick] [--json]
+    python -m pipeline.bench tokens [--quick] [--json]          one ViT encoder, every reduction
+    python -m pipeline.bench step --backbone albef [--quick]    one full pre-training step
 
 FLOPs and activation bytes are deterministic and back the claims; wall time is a median over
 repeats taken round-robin across methods (so drift hits all of them alike) and is only
@@ -121,11 +122,17 @@ TOKENS_TARGETS = {
 }
 
 
-def token_methods(tome_r: int = 10, evit_keep_rate: float = 0.7):
-    """The compared reductions for a 12-layer ViT. ToMe r=10 and EViT 0.7 at layers 3/6/9 keep
-    about as many token-layers as ELIP's default plan (ViT-B/16 at 224: 1704 and 1652 vs 1684)."""
-    from pipeline.tokens.plan import ReductionConfig
+def token_methods(num_patches: int, num_layers: int = 12, evit_keep_rate: float = 0.7):
+    """The compared reductions. ToMe's constant r is the one whose token-layers come closest to
+    ELIP's default plan (ViT-B/16 at 224: r=10, 1704 vs 1684); EViT keeps its paper's 0.7 at
+    layers 3/6/9 (1652)."""
+    from pipeline.tokens.plan import ReductionConfig, build_plan
 
+    def token_layers(cfg):
+        return sum(build_plan(cfg, num_layers, num_patches).tokens_per_layer(num_patches))
+
+    elip = token_layers(ReductionConfig(method="elip"))
+    tome_r = min(range(1, num_patches // 2), key=lambda r: abs(token_layers(ReductionConfig(method="tome", r=r)) - elip))
     return {
         "none": ReductionConfig(method="none"),
         "elip-lookahead": ReductionConfig(method="elip", elip_mode="lookahead"),
@@ -133,6 +140,22 @@ def token_methods(tome_r: int = 10, evit_keep_rate: float = 0.7):
         "tome": ReductionConfig(method="tome", r=tome_r),
         "evit": ReductionConfig(method="evit", keep_rate=evit_keep_rate),
     }
+
+
+def num_patches(vit_cfg) -> int:
+    """Patch count of a ViT config, from a parameter-free (meta device) build."""
+    from dataclasses import replace
+
+    from pipeline.models.vit import VisionEncoder
+    from pipeline.tokens.plan import ReductionConfig
+
+    with torch.device("meta"):
+        return VisionEncoder(replace(vit_cfg, reduction=ReductionConfig(), checkpoint=None)).num_patches
+
+
+def _describe(methods: dict) -> str:
+    return (f"ToMe r={methods['tome'].r} (closest to ELIP's token-layers), EViT keep {methods['evit'].keep_rate} "
+            "at layers 3/6/9, ELIP 0.9/0.65/0.4 before layers 2/4/10 guided by the text [CLS]")
 
 
 def bench_tokens(args) -> list[dict]:
@@ -144,7 +167,9 @@ def bench_tokens(args) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, args.image_size, args.image_size, generator=gen).to(device)
     cases = []
-    for method, reduction in token_methods(args.tome_r, args.evit_keep_rate).items():
+    methods = token_methods(num_patches(VitConfig(model_name=args.model, image_size=args.image_size)),
+                            evit_keep_rate=args.evit_keep_rate)
+    for method, reduction in methods.items():
         torch.manual_seed(0)  # identical weights for every method
         enc = VisionEncoder(VitConfig(model_name=args.model, image_size=args.image_size, reduction=reduction))
         enc = enc.to(device).train()
@@ -158,14 +183,70 @@ def bench_tokens(args) -> list[dict]:
         cases.append(Case(method, step, list(enc.parameters()), {"token_layers": sum(lengths)}))
     print(
         f"[bench] tokens: {args.model} at {args.image_size}px, batch {batch}, one training step "
-        f"(forward + backward) per method on {device}; ToMe r={args.tome_r}, EViT keep {args.evit_keep_rate} "
-        f"at layers 3/6/9; ELIP 0.9/0.65/0.4 before layers 2/4/10, guided by a text [CLS]",
+        f"(forward + backward) per method on {device}; {_describe(methods)}",
         flush=True,
     )
     rows = run_side_by_side(cases, repeats)
     print(format_table(_scaled(rows), [("method", "method", "{}"), ("token_layers", "token-layers", "{}"),
                                        ("token_layers_ratio", "x", "{:.3f}"), *COST_COLUMNS]))
     print("\n".join(check_targets(rows, TOKENS_TARGETS)))
+    return rows
+
+
+# -- step: one full pre-training step of a backbone, every reduction -------------------------
+STEP_TARGETS = {
+    "albef": {
+        "elip-lookahead": {"flops": 0.881, "activation_bytes": 0.790},  # the paper: 8.50/9.65 TFLOPs, 69.6/88.1 GB
+        "elip-reuse": {"flops": 0.80, "activation_bytes": 0.78},
+    },
+}
+BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+STEP_CAPTION = "two red circles at the top left and a blue square in the bottom right of the picture"
+
+
+def backbone_config(backbone: str, reduction, image_size: int | None = None):
+    """The paper-size model config of ``backbone`` (random init: FLOPs and memory need no weights)."""
+    if backbone == "albef":
+        from pipeline.models.albef import AlbefConfig
+        from pipeline.models.text import TextConfig
+        from pipeline.models.vit import VitConfig
+
+        vision = VitConfig(image_size=image_size or 256, reduction=reduction)
+        return AlbefConfig(vision=vision, text=TextConfig(bert=BERT_BASE), queue_size=4096)
+    raise ValueError(f"--backbone {backbone!r}: known backbones are {sorted(STEP_TARGETS)}")
+
+
+def bench_step(args) -> list[dict]:
+    from pipeline.models import build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = args.batch or (2 if args.quick else 8)
+    repeats = args.repeats or (3 if args.quick else 5)
+    cases = []
+    from pipeline.tokens.plan import ReductionConfig
+
+    methods = token_methods(num_patches(backbone_config(args.backbone, ReductionConfig(), args.image_size).vision))
+    for method, reduction in methods.items():
+        torch.manual_seed(0)
+        model = build_model(backbone_config(args.backbone, reduction, args.image_size)).to(device).train()
+        size = model.visual_encoder.cfg.image_size
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        data = {"image": images, "text": [STEP_CAPTION] * batch, "epoch_progress": 1.0}
+
+        def step(model=model, data=data):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)  # same MLM masks and hard negatives for every method
+            model(data)["loss"].backward()
+
+        tokens = sum(model.visual_encoder.expected_tokens_per_layer())
+        cases.append(Case(method, step, list(model.parameters()), {"token_layers": tokens}))
+    print(f"[bench] step: {args.backbone} (paper size, random init) at {size}px, batch {batch}, one full "
+          f"pre-training step (all losses, forward + backward) per reduction on {device}; {_describe(methods)}",
+          flush=True)
+    rows = run_side_by_side(cases, repeats)
+    print(format_table(_scaled(rows), [("method", "method", "{}"), ("token_layers", "ViT token-layers", "{}"),
+                                       *COST_COLUMNS]))
+    print("\n".join(check_targets(rows, STEP_TARGETS[args.backbone])))
     return rows
 
 
@@ -180,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     tokens.add_argument("--image-size", type=int, default=224)
     tokens.add_argument("--batch", type=int, default=None)
     tokens.add_argument("--repeats", type=int, default=None)
-    tokens.add_argument("--tome-r", type=int, default=10)
     tokens.add_argument("--evit-keep-rate", type=float, default=0.7)
+    step = sub.add_parser("step", help="one full pre-training step of a backbone per reduction method")
+    step.add_argument("--backbone", default="albef", choices=sorted(STEP_TARGETS))
+    step.add_argument("--quick", action="store_true", help="batch 2 and 3 repeats (same model)")
+    step.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+    step.add_argument("--image-size", type=int, default=None, help="default: the backbone's pre-training size")
+    step.add_argument("--batch", type=int, default=None)
+    step.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
 
-    rows = {"tokens": bench_tokens}[args.bench](args)
+    rows = {"tokens": bench_tokens, "step": bench_step}[args.bench](args)
     if args.json:
         print(json.dumps({"rows": rows}))
     return 0
