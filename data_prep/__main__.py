@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of ``python -m data_prep`` and the ``elip-data-prep`` console script.
 
-    Returns (and exits with) 0 on success, 2 on a usage or input error (one line on stderr,
-    no traceback), 1 when work is left undone (img2dataset failures), 130 when interrupted.
+    Returns the exit status: 0 on success, 2 on a usage or input error (one line on stderr,
+    no traceback), 1 when work is left undone (img2dataset failures, I/O errors such as a full
+    disk), 130 when interrupted.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -64,6 +65,11 @@ def main(argv=None) -> int:
     except DataPrepError as err:
         print(f"data_prep: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        # disk full, permissions, a vanished mount: environmental, and the shards done so far are safe
+        print(f"data_prep: error: {err}; completed shards are kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("data_prep: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
