@@ -73,6 +73,11 @@ def test_hard_negatives_are_never_the_positive():
         assert (neg_img != torch.arange(6)).all() and (neg_txt != torch.arange(6)).all()
 
 
+def test_hard_negatives_need_two_samples():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        sample_hard_negatives(torch.zeros(1, 1), torch.zeros(1, 1))
+
+
 def test_mlm_masking_spares_special_tokens():
     tok = load_tokenizer(TextConfig())
     ids = tok(["two red circles at the top left and a blue square"] * 64, return_tensors="pt").input_ids

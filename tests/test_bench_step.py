@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.slow
 def test_albef_step_bench_meets_flops_and_activation_targets():
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "step", "--backbone", "albef", "--json", "--batch", "1",
+        [sys.executable, "-m", "pipeline.bench", "step", "--backbone", "albef", "--json", "--batch", "2",
          "--repeats", "1"],
         capture_output=True, text=True, timeout=900,
     )

@@ -60,6 +60,8 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, generato
         ``(neg_image_for_text [B], neg_text_for_image [B])`` indices, never the positive.
     """
     B = sim_i2t.shape[0]
+    if B < 2:
+        raise ValueError(f"ITM hard negatives need at least 2 samples per rank and micro-batch, got {B}")
     eye = torch.eye(B, dtype=torch.bool, device=sim_i2t.device)
     w_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(eye, 0) + 1e-9 * (~eye)
     w_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(eye, 0) + 1e-9 * (~eye)
