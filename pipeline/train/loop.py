@@ -201,7 +201,8 @@ class Trainer:
         device = info.device
 
         interval = _Interval()
-        last_saved = last_eval = -1
+        # a resumed run already has a checkpoint (and any evaluation) at its start step
+        last_saved = last_eval = self.step if self.step > 0 else -1
         state = "finished"
         last_batch = last_out = None
         try:
