@@ -56,6 +56,7 @@ import json, sys
 m = json.load(open(sys.argv[1]))
 ok = m["txt_r1"] >= 2 * m["chance_txt_r1"] and m["img_r1"] >= 2 * m["chance_img_r1"]
 print(f"R@1 text {m['txt_r1']:.1f} (chance {m['chance_txt_r1']:.1f}), image {m['img_r1']:.1f} "
-      f"(chance {m['chance_img_r1']:.1f}): " + ("clearly above chance" if ok else "NOT clearly above chance"))
+      f"(chance {m['chance_img_r1']:.1f}): " + ("clearly above chance (at least 2x)" if ok else "NOT clearly above chance"))
+sys.exit(0 if ok else 1)
 PY
 echo "== done: $RUN_DIR holds config.yaml, tensorboard/, checkpoints/, eval.json"
