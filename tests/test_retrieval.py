@@ -41,3 +41,32 @@ def test_evaluate_shards_on_synthetic_eval_set(tmp_path):
     assert m["chance_txt_r1"] == pytest.approx(100 * 3 / 36) and m["chance_img_r1"] == pytest.approx(100 / 12)
     # ITM only re-ranks the ITC top k=4: R@5 and R@10 can only cover what ITC put there
     assert m["img_r10"] >= m["img_r5"] >= m["img_r1"]
+
+
+
+class _CountingModel:
+    def __init__(self):
+        self.calls = 0
+
+    def itm_scores(self, image_embeds, text_embeds, mask):
+        self.calls += 1
+        return image_embeds[:, 0, 0] + text_embeds[:, 0, 0]
+
+
+def test_rerank_makes_the_same_number_of_itm_calls_on_every_rank(monkeypatch):
+    import pipeline.eval.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval.dist, "all_reduce", lambda tensor: None)  # each rank's share alone
+    sims = torch.randn(5, 7)
+    images, texts, mask = torch.randn(5, 2, 3), torch.randn(7, 4, 3), torch.ones(7, 4)
+    calls = []
+    for rank, owned in ((0, range(0, 3)), (1, range(3, 5))):  # 5 rows over 2 ranks: 3 + 2
+        model = _CountingModel()
+        scores = retrieval._rerank(model, sims, images, texts, mask, True, 3, rank, 2)
+        calls.append(model.calls)
+        for q in range(5):
+            if q in owned:  # ITM scores on the ITC top 3, the rest unranked
+                assert (scores[q] != retrieval.UNRANKED).sum().item() == 3
+            else:  # zeros, for the other rank's share to be summed in
+                assert (scores[q] == 0).all()
+    assert calls == [3, 3]  # rank 1 repeats a row so that collective ZeRO-3 gathers stay paired

@@ -61,21 +61,27 @@ def _pad_cat(chunks: list[torch.Tensor], length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _rerank(model, sims, query_embeds, cand_embeds, cand_mask, queries_are_images, k, rank, world):
-    """Rows of ``sims`` ([Q, C]) this rank owns, re-scored by ITM on their top k; summed over ranks."""
+    """Rows of ``sims`` ([Q, C]) this rank owns, re-scored by ITM on their top k; summed over ranks.
+
+    Every rank makes the same number of ITM calls (the last one repeats a row and is dropped):
+    under ZeRO-3 each call gathers parameters collectively, so uneven counts would hang.
+    """
     Q, C = sims.shape
     k = min(k, C)
     scores = torch.zeros(Q, C, dtype=torch.float32, device=sims.device)
     step = math.ceil(Q / world)
-    for q in range(rank * step, min(Q, (rank + 1) * step)):
-        top = sims[q].topk(k).indices
-        row = torch.full((C,), UNRANKED, device=sims.device)
+    for q in range(rank * step, (rank + 1) * step):
+        row_q = min(q, Q - 1)
+        top = sims[row_q].topk(k).indices
         if queries_are_images:
-            itm = model.itm_scores(query_embeds[q].expand(k, -1, -1), cand_embeds[top], cand_mask[top])
+            itm = model.itm_scores(query_embeds[row_q].expand(k, -1, -1), cand_embeds[top], cand_mask[top])
         else:
-            itm = model.itm_scores(cand_embeds[top], query_embeds[0][q].expand(k, -1, -1),
-                                   query_embeds[1][q].expand(k, -1))
-        row[top] = itm.float()
-        scores[q] = row
+            itm = model.itm_scores(cand_embeds[top], query_embeds[0][row_q].expand(k, -1, -1),
+                                   query_embeds[1][row_q].expand(k, -1))
+        if q < Q:
+            row = torch.full((C,), UNRANKED, device=sims.device)
+            row[top] = itm.float()
+            scores[q] = row
     if world > 1:
         dist.all_reduce(scores)
     return scores
