@@ -148,15 +148,17 @@ def _take(src, n: int):
 
 
 def _text_of(sample: dict, rng: random.Random) -> str:
-    if "txt" in sample:
-        text = sample["txt"]
-        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    """One caption per visit: drawn from ``KEY.json``'s ``captions`` when a sample carries several
+    (COCO, VG: every caption gets used over the epochs), else ``KEY.txt``."""
     if "json" in sample:
         meta = sample["json"]
         meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
         captions = meta.get("captions") or ([meta["caption"]] if "caption" in meta else [])
         if captions:
             return rng.choice(captions)
+    if "txt" in sample:
+        text = sample["txt"]
+        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
     raise ValueError(f"sample {sample.get('__key__')!r} has no caption (.txt or .json captions)")
 
 
