@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
@@ -41,9 +42,10 @@ class VitConfig:
     reduction: ReductionConfig = field(default_factory=ReductionConfig)
 
 
-@dataclass
-class VisionOutput:
-    """What :class:`VisionEncoder` returns.
+class VisionOutput(NamedTuple):
+    """What :class:`VisionEncoder` returns. A named tuple, not a dataclass: ZeRO-3 hooks the
+    tensors of a module's output to gather the module's parameters for backward, and it looks
+    inside tuples, lists and dicts only.
 
     tokens: ``[B, N_out, D]`` final (layer-normed) tokens, [CLS] first.
     tokens_per_layer: sequence length entering each layer.
