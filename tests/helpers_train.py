@@ -97,7 +97,7 @@ class ToyModel(nn.Module):
         self.frozen = nn.Linear(cfg.dim, cfg.dim)  # a frozen part, like a frozen LLM
         self.frozen.requires_grad_(False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+        self.logit_scale = nn.Parameter(torch.tensor([2.0]))  # shape [1]: see the trainer's 0-dim check
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

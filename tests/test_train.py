@@ -201,3 +201,13 @@ def test_launcher_environments_map_to_torch_variables():
     assert (batch["RANK"], batch["WORLD_SIZE"]) == ("0", "1")
     single = map_launcher_env({})
     assert (single["RANK"], single["WORLD_SIZE"], single["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+
+
+def test_zero_dim_parameters_are_named_before_deepspeed_starts():
+    from pipeline.train.loop import reject_scalar_parameters
+
+    model = torch.nn.Linear(2, 2)
+    reject_scalar_parameters(model)  # ordinary parameters pass
+    model.scale = torch.nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"\['scale'\] are 0-dim"):
+        reject_scalar_parameters(model)

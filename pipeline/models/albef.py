@@ -58,7 +58,8 @@ class ALBEF(nn.Module):
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)
-        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        # shape [1], not ALBEF's 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.temp = nn.Parameter(torch.tensor([cfg.temp]))
 
         # Momentum (teacher) encoders: same weights, no gradient, and an unpruned ViT.
         self.visual_encoder_m = VisionEncoder(replace(cfg.vision, reduction=ReductionConfig(), checkpoint=None))

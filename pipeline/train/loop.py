@@ -18,7 +18,6 @@ from pipeline.data import TrainLoader
 from pipeline.models import build_model
 
 from . import checkpoint as ckpt
-from .compat import patch_scalar_broadcast
 from .distributed import DistInfo, setup_distributed
 from .monitor import Monitor, kept_patch_grid, peak_memory_gb
 from .optim import build_ds_config, build_optimizer, build_scheduler, offloads_optimizer
@@ -83,6 +82,14 @@ def _eval_hook(cfg: ExperimentConfig):
     return evaluate
 
 
+def reject_scalar_parameters(model: torch.nn.Module) -> None:
+    """DeepSpeed broadcasts parameters as byte views, which torch refuses for 0-dim tensors:
+    name them up front instead of failing inside ``deepspeed.initialize``."""
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise ValueError(f"model parameters {scalars} are 0-dim: DeepSpeed cannot broadcast them; give them shape [1]")
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, info: DistInfo):
         import deepspeed
@@ -112,7 +119,7 @@ class Trainer:
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
         self.global_batch = cfg.data.batch_size * self.accum * info.world_size
 
-        patch_scalar_broadcast()
+        reject_scalar_parameters(model)
         optimizer = build_optimizer(model, cfg, offload=offloads_optimizer(self.ds_config))
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
