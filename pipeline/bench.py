@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.eval.profile import measure_step, median_wall, peak_cuda_bytes
+from pipeline.eval.profile import measure_step, median_wall, peak_cuda_bytes, timed_call
 
 BASELINE = "none"
 
@@ -47,20 +48,21 @@ def run_side_by_side(cases: list[Case], repeats: int, warmup: int = 1, log=print
         rows.append(row)
     log(f"[bench] timing {len(cases)} methods round-robin, {warmup} warm-up + {repeats} repeats each")
     times: dict[str, list[float]] = {c.method: [] for c in cases}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for rep in range(warmup + repeats):
         for case in cases:
-            sync()
-            start = time.perf_counter()
-            case.step()
-            sync()
+            seconds = timed_call(case.step)
             if rep >= warmup:
-                times[case.method].append(time.perf_counter() - start)
+                times[case.method].append(seconds)
     for row in rows:
-        samples = sorted(times[row["method"]])
-        row["wall_s"] = samples[len(samples) // 2]
+        row["wall_s"] = statistics.median(times[row["method"]])
     add_ratios(rows)
     return rows
+
+
+def report(rows: list[dict], columns: list[tuple[str, str, str]], targets: dict) -> None:
+    """Print a benchmark's table (GFLOPs, MiB) and its target checks."""
+    print(format_table(_scaled(rows), columns))
+    print("\n".join(check_targets(rows, targets)))
 
 
 def add_ratios(rows: list[dict], baseline: str = BASELINE, key: str = "method") -> None:
@@ -182,15 +184,11 @@ def bench_tokens(args) -> list[dict]:
 
         lengths = enc.expected_tokens_per_layer()
         cases.append(Case(method, step, list(enc.parameters()), {"token_layers": sum(lengths)}))
-    print(
-        f"[bench] tokens: {args.model} at {args.image_size}px, batch {batch}, one training step "
-        f"(forward + backward) per method on {device}; {_describe(methods)}",
-        flush=True,
-    )
+    print(f"[bench] tokens: {args.model} at {args.image_size}px, batch {batch}, one training step "
+          f"(forward + backward) per method on {device}; {_describe(methods)}", flush=True)
     rows = run_side_by_side(cases, repeats)
-    print(format_table(_scaled(rows), [("method", "method", "{}"), ("token_layers", "token-layers", "{}"),
-                                       ("token_layers_ratio", "x", "{:.3f}"), *COST_COLUMNS]))
-    print("\n".join(check_targets(rows, TOKENS_TARGETS)))
+    report(rows, [("method", "method", "{}"), ("token_layers", "token-layers", "{}"),
+                  ("token_layers_ratio", "x", "{:.3f}"), *COST_COLUMNS], TOKENS_TARGETS)
     return rows
 
 
@@ -219,13 +217,12 @@ def backbone_config(backbone: str, reduction, image_size: int | None = None):
 
 def bench_step(args) -> list[dict]:
     from pipeline.models import build_model
+    from pipeline.tokens.plan import ReductionConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch or (2 if args.quick else 8)
     repeats = args.repeats or (3 if args.quick else 5)
     cases = []
-    from pipeline.tokens.plan import ReductionConfig
-
     methods = token_methods(num_patches(backbone_config(args.backbone, ReductionConfig(), args.image_size).vision))
     for method, reduction in methods.items():
         torch.manual_seed(0)
@@ -245,9 +242,8 @@ def bench_step(args) -> list[dict]:
           f"pre-training step (all losses, forward + backward) per reduction on {device}; {_describe(methods)}",
           flush=True)
     rows = run_side_by_side(cases, repeats)
-    print(format_table(_scaled(rows), [("method", "method", "{}"), ("token_layers", "ViT token-layers", "{}"),
-                                       *COST_COLUMNS]))
-    print("\n".join(check_targets(rows, STEP_TARGETS[args.backbone])))
+    report(rows, [("method", "method", "{}"), ("token_layers", "ViT token-layers", "{}"), *COST_COLUMNS],
+           STEP_TARGETS[args.backbone])
     return rows
 
 
@@ -295,9 +291,8 @@ def bench_data(args) -> list[dict]:
     rows.append({"method": f"training step ({args.config}, batch {batch}, 1 process)", "samples_per_s": batch / wall})
     print(f"[bench] data: {args.num} synthetic samples, batch {batch}, {args.config}'s train transforms")
     print(format_table(rows, [("method", "what", "{}"), ("samples_per_s", "samples/s", "{:.1f}")]))
-    slowest_loader = min(r["samples_per_s"] for r in rows[:2])
     verdict = "keeps up" if rows[1]["samples_per_s"] >= rows[2]["samples_per_s"] else "is the bottleneck"
-    print(f"with 2 workers the loader {verdict} (1 worker: {slowest_loader:.0f} samples/s); "
+    print(f"with 2 workers the loader {verdict} (1 worker: {rows[0]['samples_per_s']:.0f} samples/s); "
           "training ranks on one node share the CPU cores, so give each rank data.workers accordingly")
     return rows
 
@@ -307,20 +302,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     tokens = sub.add_parser("tokens", help="one ViT encoder, one training step per reduction method")
-    tokens.add_argument("--quick", action="store_true", help="batch 2 and 3 repeats (same model)")
-    tokens.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+    step = sub.add_parser("step", help="one full pre-training step of a backbone per reduction method")
+    for p in (tokens, step):
+        p.add_argument("--quick", action="store_true", help="batch 2 and 3 repeats (same model)")
+        p.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+        p.add_argument("--batch", type=int, default=None)
+        p.add_argument("--repeats", type=int, default=None)
     tokens.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name")
     tokens.add_argument("--image-size", type=int, default=224)
-    tokens.add_argument("--batch", type=int, default=None)
-    tokens.add_argument("--repeats", type=int, default=None)
     tokens.add_argument("--evit-keep-rate", type=float, default=0.7)
-    step = sub.add_parser("step", help="one full pre-training step of a backbone per reduction method")
     step.add_argument("--backbone", default="albef", choices=sorted(STEP_TARGETS))
-    step.add_argument("--quick", action="store_true", help="batch 2 and 3 repeats (same model)")
-    step.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
     step.add_argument("--image-size", type=int, default=None, help="default: the backbone's pre-training size")
-    step.add_argument("--batch", type=int, default=None)
-    step.add_argument("--repeats", type=int, default=None)
     data = sub.add_parser("data", help="loader samples/s with 1 and 2 workers next to the training step's")
     data.add_argument("--config", default="tiny_albef_elip", help="config whose transforms and model are used")
     data.add_argument("--num", type=int, default=1024, help="synthetic samples to load")

@@ -45,19 +45,21 @@ def measure_step(step: Callable[[], None], params: Iterable[torch.Tensor]) -> St
     return StepCost(flops=int(counter.get_total_flops()), activation_bytes=int(sum(seen.values())))
 
 
-def median_wall(step: Callable[[], None], repeats: int = 5, warmup: int = 1) -> float:
-    """Median seconds of ``step`` over ``repeats`` runs after ``warmup`` (CUDA synchronised)."""
+def timed_call(step: Callable[[], None]) -> float:
+    """Seconds one ``step()`` takes, CUDA work included."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
+
+
+def median_wall(step: Callable[[], None], repeats: int = 5, warmup: int = 1) -> float:
+    """Median seconds of ``step`` over ``repeats`` runs after ``warmup``."""
     for _ in range(warmup):
         step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_call(step) for _ in range(repeats))
 
 
 def peak_cuda_bytes(step: Callable[[], None]) -> int | None:
