@@ -147,19 +147,24 @@ def _take(src, n: int):
     return islice(src, n)
 
 
-def _text_of(sample: dict, rng: random.Random) -> str:
-    """One caption per visit: drawn from ``KEY.json``'s ``captions`` when a sample carries several
-    (COCO, VG: every caption gets used over the epochs), else ``KEY.txt``."""
-    if "json" in sample:
-        meta = sample["json"]
-        meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
-        captions = meta.get("captions") or ([meta["caption"]] if "caption" in meta else [])
-        if captions:
-            return rng.choice(captions)
-    if "txt" in sample:
+def _captions_of(sample: dict) -> list[str]:
+    """All captions of a sample: ``KEY.json``'s ``captions`` (or ``caption``), else ``KEY.txt``."""
+    meta = sample.get("json")
+    meta = json.loads(meta) if isinstance(meta, (bytes, str)) else (meta or {})
+    captions = meta.get("captions") or ([meta["caption"]] if "caption" in meta else [])
+    if not captions and "txt" in sample:
         text = sample["txt"]
-        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
-    raise ValueError(f"sample {sample.get('__key__')!r} has no caption (.txt or .json captions)")
+        captions = [text.decode("utf-8") if isinstance(text, bytes) else str(text)]
+    return captions
+
+
+def _text_of(sample: dict, rng: random.Random) -> str:
+    """One caption per visit, drawn from all of a sample's captions (COCO, VG: every caption gets
+    used over the epochs)."""
+    captions = _captions_of(sample)
+    if not captions:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no caption (.txt or .json captions)")
+    return rng.choice(captions)
 
 
 def _image_bytes(sample: dict) -> bytes:
@@ -380,13 +385,7 @@ class _EvalStream(IterableDataset):
         self.batch_size, self.transform, self.max_words = batch_size, transform, max_words
 
     def _sample(self, sample: dict) -> dict:
-        meta = sample.get("json")
-        meta = json.loads(meta) if isinstance(meta, (bytes, str)) else (meta or {})
-        captions = meta.get("captions") or []
-        if not captions and "txt" in sample:
-            t = sample["txt"]
-            captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t)]
-        captions = [c for c in (pre_caption(c, self.max_words) for c in captions) if c]
+        captions = [c for c in (pre_caption(c, self.max_words) for c in _captions_of(sample)) if c]
         if not captions:
             raise ValueError(f"eval sample {sample.get('__key__')!r} has no caption")
         image = self.transform(decode_image(_image_bytes(sample)))
