@@ -2,7 +2,9 @@
 
 Every rank encodes the whole (small) evaluation set; the expensive ITM re-ranking is split
 across ranks by rows and summed. An image counts as found at the best rank among its captions.
-The model must offer ``image_features``, ``text_features`` and ``itm_scores`` (see ALBEF).
+The model must offer ``image_features``, ``text_features`` and ``itm_scores`` (see ALBEF). A
+model without ITC (METER) returns ``None`` features: ITM then scores every (image, caption)
+pair, as METER's own evaluation does, and ``k_test`` is unused.
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 64
     for batch in loader:
         embeds, feats = model.image_features(batch["image"].to(device, dtype))
         image_embeds.append(embeds)
-        image_feats.append(feats.float())
+        if feats is not None:
+            image_feats.append(feats.float())
         for captions in batch["captions"]:
             img2txt.append(list(range(len(texts), len(texts) + len(captions))))
             txt2img.extend([len(img2txt) - 1] * len(captions))
@@ -109,18 +112,24 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 64
         embeds, mask, feats = model.text_features(texts[start:start + batch_size], device)
         text_embeds.append(embeds)
         text_masks.append(mask)
-        text_feats.append(feats.float())
+        if feats is not None:
+            text_feats.append(feats.float())
     length = max(e.shape[1] for e in text_embeds)
     text_embeds, text_masks = _pad_cat(text_embeds, length), _pad_cat(text_masks, length)
-    image_embeds, image_feats, text_feats = torch.cat(image_embeds), torch.cat(image_feats), torch.cat(text_feats)
-
-    sims = image_feats @ text_feats.T  # [N_img, N_txt]
+    image_embeds = torch.cat(image_embeds)
+    has_itc = bool(image_feats) and bool(text_feats)
+    if has_itc:
+        sims = torch.cat(image_feats) @ torch.cat(text_feats).T  # [N_img, N_txt]
+    else:  # no ITC: every pair goes to ITM
+        sims = torch.zeros(len(image_embeds), len(text_embeds), device=image_embeds.device)
+        k_test = max(sims.shape)
     i2t = _rerank(model, sims, image_embeds, text_embeds, text_masks, True, k_test, rank, world_size)
     t2i = _rerank(model, sims.T.contiguous(), (text_embeds, text_masks), image_embeds, None, False,
                   k_test, rank, world_size)
     metrics = recall_at_k(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)
-    itc = recall_at_k(sims.cpu().numpy(), sims.T.cpu().numpy(), img2txt, txt2img)
-    metrics.update({f"itc_{k}": itc[k] for k in METRICS})
+    if has_itc:
+        itc = recall_at_k(sims.cpu().numpy(), sims.T.cpu().numpy(), img2txt, txt2img)
+        metrics.update({f"itc_{k}": itc[k] for k in METRICS})
     metrics["chance_txt_r1"], metrics["chance_img_r1"] = chance_r1(img2txt, len(texts))
     metrics["num_images"], metrics["num_texts"] = len(img2txt), len(texts)
     return metrics
@@ -140,8 +149,11 @@ def format_table(metrics: dict) -> str:
         "              R@1     R@5    R@10",
         "text  (ITM) {txt_r1:7.2f} {txt_r5:7.2f} {txt_r10:7.2f}".format(**metrics),
         "image (ITM) {img_r1:7.2f} {img_r5:7.2f} {img_r10:7.2f}".format(**metrics),
-        "text  (ITC) {itc_txt_r1:7.2f} {itc_txt_r5:7.2f} {itc_txt_r10:7.2f}".format(**metrics),
-        "image (ITC) {itc_img_r1:7.2f} {itc_img_r5:7.2f} {itc_img_r10:7.2f}".format(**metrics),
-        "chance R@1: text {chance_txt_r1:.2f}, image {chance_img_r1:.2f}".format(**metrics),
     ]
+    if "itc_txt_r1" in metrics:
+        lines += ["text  (ITC) {itc_txt_r1:7.2f} {itc_txt_r5:7.2f} {itc_txt_r10:7.2f}".format(**metrics),
+                  "image (ITC) {itc_img_r1:7.2f} {itc_img_r5:7.2f} {itc_img_r10:7.2f}".format(**metrics)]
+    else:
+        lines.append("(no ITC in this model: ITM scored every image-caption pair)")
+    lines.append("chance R@1: text {chance_txt_r1:.2f}, image {chance_img_r1:.2f}".format(**metrics))
     return "\n".join(lines)

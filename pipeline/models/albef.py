@@ -8,18 +8,17 @@ ELIP code.
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models import register_model
-from pipeline.models.losses import concat_all_gather, itc_loss, mask_tokens, sample_hard_negatives
+from pipeline.models.losses import mask_tokens, sample_hard_negatives
+from pipeline.models.momentum import MomentumContrast
 from pipeline.models.text import BertTextFusion, TextConfig, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
-from pipeline.tokens.plan import ReductionConfig
 
 
 @dataclass
@@ -38,7 +37,7 @@ class AlbefConfig:
     mlm_probability: float = 0.15
 
 
-class ALBEF(nn.Module):
+class ALBEF(MomentumContrast):
     """``forward(batch) -> dict(loss, loss_itc, loss_itm, loss_mlm, tokens_per_layer, kept_patches)``."""
 
     def __init__(self, cfg: AlbefConfig):
@@ -55,61 +54,11 @@ class ALBEF(nn.Module):
             )
         self.patch_size = self.visual_encoder.patch_size
         self.text_guided = cfg.vision.reduction.method == "elip"
+        self.image_first = check_guidance(cfg)
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)
-        # shape [1], not ALBEF's 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
-        self.temp = nn.Parameter(torch.tensor([cfg.temp]))
-
-        # Momentum (teacher) encoders: same weights, no gradient, and an unpruned ViT.
-        self.visual_encoder_m = VisionEncoder(replace(cfg.vision, reduction=ReductionConfig(), checkpoint=None))
-        self.visual_encoder_m.load_state_dict(self.visual_encoder.state_dict())
-        self.vision_proj_m = copy.deepcopy(self.vision_proj)
-        self.text_encoder_m = copy.deepcopy(self.text_encoder)
-        self.text_proj_m = copy.deepcopy(self.text_proj)
-        self.model_pairs = [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.vision_proj, self.vision_proj_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.text_proj, self.text_proj_m),
-        ]
-        for _, momentum_model in self.model_pairs:
-            momentum_model.requires_grad_(False)
-
-        q = cfg.queue_size
-        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    # -- helpers -----------------------------------------------------------------------------
-    def tokenize(self, texts: list[str], device: torch.device):
-        return self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.cfg.text.max_tokens, return_tensors="pt"
-        ).to(device)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual_encoder.set_grad_checkpointing(enable)
-        self.text_encoder.set_grad_checkpointing(enable)
-
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        m = self.cfg.momentum
-        for model, model_m in self.model_pairs:
-            for p, p_m in zip(model.parameters(), model_m.parameters()):
-                # Under ZeRO-3 a parameter's data is only its local partition (``ds_tensor``);
-                # both copies are partitioned alike, so the update runs shard by shard.
-                src, dst = (p.ds_tensor, p_m.ds_tensor) if hasattr(p, "ds_tensor") else (p.data, p_m.data)
-                dst.mul_(m).add_(src.to(dst.dtype), alpha=1.0 - m)
-
-    @torch.no_grad()
-    def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
-        """Push every rank's ``[B, E]`` momentum features into the ring-buffer queues."""
-        image_feat, text_feat = concat_all_gather(image_feat), concat_all_gather(text_feat)
-        q = self.image_queue.shape[1]
-        idx = (self.queue_ptr + torch.arange(image_feat.shape[0], device=image_feat.device)) % q
-        self.image_queue[:, idx] = image_feat.T.to(self.image_queue.dtype)
-        self.text_queue[:, idx] = text_feat.T.to(self.text_queue.dtype)
-        self.queue_ptr[0] = (self.queue_ptr[0] + image_feat.shape[0]) % q
+        self.init_momentum(cfg)  # teacher copies (unpruned ViT), queues, temperature
 
     # -- training ------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
@@ -120,17 +69,21 @@ class ALBEF(nn.Module):
                 ``epoch_progress`` (ramps the distillation weight over the first epoch).
         """
         images, device = batch["image"], batch["image"].device
-        cfg = self.cfg
-        alpha = cfg.alpha * min(1.0, float(batch.get("epoch_progress", 1.0))) if cfg.distill else 0.0
+        alpha = self.distill_alpha(batch)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
         tok = self.tokenize(batch["text"], device)
         ids, mask = tok.input_ids, tok.attention_mask
-        text_embeds = self.text_encoder.encode_text(ids, mask)  # [B, L, D]
-        vision = self.visual_encoder(
-            images, text_cls=text_embeds[:, 0] if self.text_guided else None, track_patches=True
-        )
+        vision = text = None
+        if self.image_first:  # text pruning guided by the image [CLS]: the ViT runs first, unguided
+            vision = self.visual_encoder(images, track_patches=True)
+        text = self.text_encoder.encode(ids, mask, image_cls=vision.tokens[:, 0] if vision else None)
+        if vision is None:
+            vision = self.visual_encoder(
+                images, text_cls=text.hidden[:, 0] if self.text_guided else None, track_patches=True
+            )
+        text_embeds, mask = text.hidden, text.mask  # [B, L', D], [B, L'] (L' < L when text is pruned)
         image_embeds = vision.tokens  # [B, N', D]
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
@@ -139,22 +92,12 @@ class ALBEF(nn.Module):
             self._momentum_update()
             image_embeds_m = self.visual_encoder_m(images).tokens
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
-            text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m.encode_text(ids, mask)[:, 0]), dim=-1)
-            image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
-            text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
-            targets = torch.zeros(len(images), image_feat_all.shape[1], device=device)
-            targets.fill_diagonal_(1)
-            i2t_targets = t2i_targets = targets
-            if alpha > 0:
-                i2t_targets = alpha * F.softmax(image_feat_m @ text_feat_all / self.temp, dim=1) + (1 - alpha) * targets
-                t2i_targets = alpha * F.softmax(text_feat_m @ image_feat_all / self.temp, dim=1) + (1 - alpha) * targets
-        loss_itc, sim_i2t, sim_t2i = itc_loss(
-            image_feat, text_feat, image_feat_all, text_feat_all, self.temp, i2t_targets, t2i_targets
-        )
-        self._enqueue(image_feat_m, text_feat_m)
+            text_m = self.text_encoder_m.encode(ids, tok.attention_mask, index=text.index)  # the same tokens
+            text_feat_m = F.normalize(self.text_proj_m(text_m.hidden[:, 0]), dim=-1)
+        loss_itc, sim_i2t, sim_t2i = self.contrast(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
 
         loss_itm = self._itm_loss(image_embeds, text_embeds, mask, sim_i2t, sim_t2i)
-        loss_mlm = self._mlm_loss(ids, mask, image_embeds, image_embeds_m, alpha)
+        loss_mlm = self._mlm_loss(ids, tok.attention_mask, text.index, image_embeds, image_embeds_m, alpha)
         return {
             "loss": loss_itc + loss_itm + loss_mlm,
             "loss_itc": loss_itc.detach(),
@@ -162,6 +105,7 @@ class ALBEF(nn.Module):
             "loss_mlm": loss_mlm.detach(),
             "tokens_per_layer": vision.tokens_per_layer,
             "kept_patches": vision.kept_patches,
+            "text_tokens_per_layer": text.tokens_per_layer,
         }
 
     def _itm_loss(self, image_embeds, text_embeds, mask, sim_i2t, sim_t2i) -> torch.Tensor:
@@ -174,14 +118,17 @@ class ALBEF(nn.Module):
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(image_embeds.device)
         return F.cross_entropy(self.itm_head(fused_cls), labels)
 
-    def _mlm_loss(self, ids, mask, image_embeds, image_embeds_m, alpha) -> torch.Tensor:
+    def _mlm_loss(self, ids, mask, index, image_embeds, image_embeds_m, alpha) -> torch.Tensor:
         tok = self.tokenizer
         masked, labels = mask_tokens(
             ids, len(tok), tok.mask_token_id, [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id],
             self.cfg.mlm_probability,
         )
-        hidden = self.text_encoder.fuse(self.text_encoder.encode_text(masked, mask), mask, image_embeds)
-        logits = self.text_encoder.mlm_logits(hidden)  # [B, L, V]
+        text = self.text_encoder.encode(masked, mask, index=index)  # pruned like the ITC pass
+        if index is not None:
+            labels = labels.gather(1, index)
+        hidden = self.text_encoder.fuse(text.hidden, text.mask, image_embeds)
+        logits = self.text_encoder.mlm_logits(hidden)  # [B, L', V]
         predicted = labels != -100
         if not predicted.any():  # nothing masked in a tiny batch: a zero that keeps the graph
             return logits.sum() * 0.0
@@ -189,7 +136,8 @@ class ALBEF(nn.Module):
         if alpha > 0:
             with torch.no_grad():
                 enc_m = self.text_encoder_m
-                logits_m = enc_m.mlm_logits(enc_m.fuse(enc_m.encode_text(masked, mask), mask, image_embeds_m))
+                text_m = enc_m.encode(masked, mask, index=index)
+                logits_m = enc_m.mlm_logits(enc_m.fuse(text_m.hidden, text_m.mask, image_embeds_m))
             distill = -(F.log_softmax(logits[predicted], -1) * F.softmax(logits_m[predicted], -1)).sum(-1).mean()
             loss = (1 - alpha) * loss + alpha * distill
         return loss
@@ -213,6 +161,21 @@ class ALBEF(nn.Module):
         """Match logits ``[K]`` for K (image, text) pairs: ``[K, N', D]``, ``[K, L, D]``, ``[K, L]``."""
         fused_cls = self.text_encoder.fuse(text_embeds, mask, image_embeds)[:, 0]
         return self.itm_head(fused_cls)[:, 1].float()
+
+
+def check_guidance(cfg) -> bool:
+    """Whether the ViT must run before the text encoder (``text.prune.strategy: learned``).
+
+    ELIP needs the text [CLS] before the ViT, learned text pruning the image [CLS] before the
+    text layers: the two cannot guide each other in one step, so the pair is a config error.
+    """
+    learned = cfg.text.prune.strategy == "learned"
+    if learned and cfg.vision.reduction.method == "elip":
+        raise ValueError(
+            "model.text.prune.strategy=learned needs the image [CLS] before the text encoder, while "
+            "model.vision.reduction.method=elip needs the text [CLS] before the ViT: use one of them"
+        )
+    return learned
 
 
 register_model("albef", AlbefConfig, ALBEF)

@@ -11,15 +11,34 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
+
+from pipeline.tokens import textprune
 
 log = logging.getLogger(__name__)
 
 TINY_TOKENIZER = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_tokenizer")
+
+
+@dataclass
+class TextPruneConfig:
+    """``text.prune``: the text-token pruning ablation (ELIP's Table 4), off by default.
+
+    ``strategy``: ``none | random | post | learned`` (see :mod:`pipeline.tokens.textprune`);
+    ``ratio``: share of the tokens after [CLS] dropped; ``layer``: the text layer they are
+    dropped before (default: the first of the second half of the text-only layers). Applied
+    in training only: evaluation and captioning encode whole captions.
+    """
+
+    strategy: str = "none"
+    ratio: float = 0.4
+    layer: int | None = None
 
 
 @dataclass
@@ -37,6 +56,7 @@ class TextConfig:
     bert: dict = field(default_factory=dict)
     text_layers: int = 6
     max_tokens: int = 30
+    prune: TextPruneConfig = field(default_factory=TextPruneConfig)
 
 
 def load_tokenizer(cfg: TextConfig) -> BertTokenizer:
@@ -51,6 +71,8 @@ def _bert_config(cfg: TextConfig, vocab_size: int) -> BertConfig:
         if not (Path(cfg.pretrained) / "config.json").is_file():
             raise FileNotFoundError(f"text.pretrained: no config.json in {cfg.pretrained}")
         config = BertConfig.from_pretrained(cfg.pretrained)
+        # a tokenizer with added special tokens (BLIP's [DEC], [ENC]) grows the vocabulary
+        config.vocab_size = max(config.vocab_size, vocab_size)
     else:
         config = BertConfig(vocab_size=vocab_size, **cfg.bert)
     if not 0 <= cfg.text_layers <= config.num_hidden_layers:
@@ -59,6 +81,94 @@ def _bert_config(cfg: TextConfig, vocab_size: int) -> BertConfig:
         )
     config._attn_implementation = "sdpa"
     return config
+
+
+def check_prune(cfg: TextPruneConfig, text_layers: int) -> int | None:
+    """The text layer pruned before (None when pruning is off); errors name ``text.prune`` keys."""
+    if cfg.strategy not in textprune.STRATEGIES:
+        raise ValueError(f"text.prune.strategy={cfg.strategy!r}; expected one of {textprune.STRATEGIES}")
+    if cfg.strategy == "none":
+        return None
+    if not 0.0 < cfg.ratio < 1.0:
+        raise ValueError(f"text.prune.ratio={cfg.ratio} must be in (0, 1)")
+    layer = text_layers // 2 if cfg.layer is None else cfg.layer
+    if not 1 <= layer < text_layers:
+        raise ValueError(f"text.prune.layer={layer} must be within 1..{text_layers - 1} (the text-only layers)")
+    return layer
+
+
+class TextOutput(NamedTuple):
+    """A text encoder's output (a named tuple, so that ZeRO-3 sees its tensors).
+
+    hidden: ``[B, L', D]``; mask: ``[B, L']``; index: ``[B, L']`` positions kept from the input
+    sequence (``None`` when nothing was pruned); tokens_per_layer: sequence length entering each layer.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    index: torch.Tensor | None
+    tokens_per_layer: list[int]
+
+
+def cls_query_attention(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention of one extra query row over a BERT/RoBERTa layer's tokens.
+
+    ``query`` (the image [CLS], ``[B, D]``) goes through the layer's own query projection and
+    attends to the keys of ``hidden [B, L, D]`` (padding masked by ``mask [B, L]``).
+    Returns ``[B, L-1]`` over the tokens after [CLS].
+    """
+    sa = layer.attention.self
+    B, L, _ = hidden.shape
+    heads, size = sa.num_attention_heads, sa.attention_head_size
+    q = sa.query(query.to(hidden.dtype)).view(B, heads, 1, size)
+    k = sa.key(hidden).view(B, L, heads, size).transpose(1, 2)
+    logits = (q @ k.transpose(-2, -1)) * sa.scaling + padding_bias(mask, q.dtype)
+    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+
+
+def run_layers(
+    layers,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    prune: TextPruneConfig | None = None,
+    prune_at: int | None = None,
+    image_cls: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+    checkpointing: bool = False,
+) -> TextOutput:
+    """Run BERT-style layers over ``hidden [B, L, D]``, pruning text tokens before layer ``prune_at``.
+
+    Args:
+        layers: the layers (``layer(hidden, bias, encoder_hidden_states=...)``).
+        prune, prune_at: the pruning config and the position in ``layers`` it acts at (None: never).
+        image_cls: ``[B, D]`` the image [CLS] (strategy ``learned``).
+        index: ``[B, K]`` a kept index from an earlier pass of the same captions: reused
+            instead of choosing again (a momentum encoder, a masked copy, a second stream).
+        image_embeds: ``[B, N, D]`` image tokens for layers with cross-attention, or None.
+    """
+    lengths = []
+    for i, layer in enumerate(layers):
+        if prune_at is not None and i == prune_at and prune is not None and prune.strategy != "none":
+            if index is None:
+                attention = None
+                if prune.strategy == "learned":
+                    if image_cls is None:
+                        raise ValueError("text.prune.strategy=learned needs the image [CLS]")
+                    attention = cls_query_attention(layer, hidden, mask, image_cls)
+                scores = textprune.prune_scores(prune.strategy, mask, attention)
+                hidden, mask, index = textprune.select(hidden, mask, scores, textprune.num_kept(hidden.shape[1], prune.ratio))
+            else:
+                hidden, mask = textprune.gather(hidden, mask, index)
+        lengths.append(hidden.shape[1])
+        bias = padding_bias(mask, hidden.dtype)
+        kwargs = dict(encoder_hidden_states=image_embeds)
+        if checkpointing and torch.is_grad_enabled():
+            hidden = torch.utils.checkpoint.checkpoint(layer, hidden, bias, use_reentrant=False, **kwargs)
+        else:
+            hidden = layer(hidden, bias, **kwargs)
+    return TextOutput(hidden, mask, index if prune_at is not None else None, lengths)
 
 
 class _Encoder(nn.Module):
@@ -87,14 +197,17 @@ class BertTextFusion(nn.Module):
         config: the ``BertConfig``; hidden size ``D = config.hidden_size``.
     """
 
-    def __init__(self, cfg: TextConfig, vocab_size: int):
+    def __init__(self, cfg: TextConfig, vocab_size: int, cross_attention_from: int | None = None):
         super().__init__()
         self.config = _bert_config(cfg, vocab_size)
         self.text_layers = cfg.text_layers
+        # BLIP: every layer has cross-attention (skipped when encoding text alone)
+        cross_from = cfg.text_layers if cross_attention_from is None else cross_attention_from
+        self.prune, self.prune_at = cfg.prune, check_prune(cfg.prune, cfg.text_layers)
         fusion_config = copy.deepcopy(self.config)
         fusion_config.is_decoder, fusion_config.add_cross_attention = True, True
         layers = [
-            BertLayer(self.config if i < cfg.text_layers else fusion_config, layer_idx=i)
+            BertLayer(self.config if i < cross_from else fusion_config, layer_idx=i)
             for i in range(self.config.num_hidden_layers)
         ]
         self.embeddings = BertEmbeddings(self.config)
@@ -121,6 +234,12 @@ class BertTextFusion(nn.Module):
         """Copy a local BERT's weights in; cross-attention (and a missing MLM head) stay random."""
         source = BertForMaskedLM.from_pretrained(path)
         state = {k.removeprefix("bert."): v for k, v in source.state_dict().items()}
+        own = self.state_dict()
+        for key, value in state.items():
+            # added tokens (BLIP's [DEC], [ENC]): the checkpoint fills the first rows, the rest stay random
+            if key in own and value.dim() >= 1 and value.shape[1:] == own[key].shape[1:] \
+                    and value.shape[0] < own[key].shape[0]:
+                state[key] = torch.cat([value, own[key][value.shape[0]:]])
         result = self.load_state_dict(state, strict=False)
         unexpected = [k for k in result.unexpected_keys if not k.startswith("pooler.")]
         if unexpected:
@@ -146,8 +265,45 @@ class BertTextFusion(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only layers. ``input_ids``, ``attention_mask``: ``[B, L]`` -> ``[B, L, D]``."""
+        if self.pruning:
+            raise RuntimeError("text.prune is on: use encode(), which also returns the pruned mask")
         hidden = self.embeddings(input_ids=input_ids)
         return self._layers(hidden, 0, self.text_layers, padding_bias(attention_mask, hidden.dtype))
+
+    @property
+    def pruning(self) -> bool:
+        """Whether :meth:`encode` prunes text tokens now (configured, and in training)."""
+        return self.prune_at is not None and self.training
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_cls: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+    ) -> TextOutput:
+        """Text-only layers with the configured text-token pruning (training only).
+
+        Args:
+            input_ids, attention_mask: ``[B, L]``.
+            image_cls: ``[B, D]`` image [CLS] for ``text.prune.strategy: learned``.
+            index: a kept index to reuse (see :func:`run_layers`).
+        Returns:
+            :class:`TextOutput`; without pruning ``hidden`` equals :meth:`encode_text`'s.
+        """
+        return self.encode_embeds(self.embeddings(input_ids=input_ids), attention_mask, image_cls, index)
+
+    def encode_embeds(self, hidden, attention_mask, image_cls=None, index=None, image_embeds=None) -> TextOutput:
+        """:meth:`encode` from the embedding output ``[B, L, D]``; with ``image_embeds`` the
+        layers cross-attend to them (BLIP's image-grounded encoder runs every layer)."""
+        stop = self.text_layers if image_embeds is None else len(self.encoder.layer)
+        if image_embeds is not None:
+            image_embeds = image_embeds.to(hidden.dtype)
+        return run_layers(
+            self.encoder.layer[:stop], hidden, attention_mask, prune=self.prune,
+            prune_at=self.prune_at if self.training else None, image_cls=image_cls, index=index,
+            image_embeds=image_embeds, checkpointing=self.grad_checkpointing and self.training,
+        )
 
     def fuse(
         self,

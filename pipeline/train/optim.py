@@ -17,20 +17,30 @@ DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two AdamW groups: decayed weights, and biases / norms / 1-d
-    parameters / the model's ``no_weight_decay()`` names (timm convention) without decay."""
+    parameters / the model's ``no_weight_decay()`` names (timm convention) without decay.
+
+    A model with ``lr_scales() -> {name prefix: multiplier}`` (METER's 5x for its cross-modal
+    layers) gets those parameters in further groups carrying an ``lr_scale``."""
     skip: set[str] = set()
     if hasattr(model, "no_weight_decay"):
         skip = set(model.no_weight_decay())
-    decay, no_decay = [], []
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    buckets: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(name == k or name.endswith("." + k) for k in skip):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decayed = not (p.ndim <= 1 or name.endswith(".bias") or any(name == k or name.endswith("." + k) for k in skip))
+        scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
+        buckets.setdefault((decayed, scale), []).append(p)
+    groups = []
+    for scale in sorted({s for _, s in buckets}):
+        for decayed in (True, False):
+            if buckets.get((decayed, scale)):
+                group = {"params": buckets[(decayed, scale)], "weight_decay": weight_decay if decayed else 0.0}
+                if scale != 1.0:
+                    group["lr_scale"] = scale
+                groups.append(group)
+    return groups
 
 
 class WarmupCosine:
@@ -66,6 +76,8 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig, offload: bool):
     groups = param_groups(model, o.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    for group in groups:  # the schedule multiplies every group's own initial lr alike
+        group["lr"] = o.lr * group.pop("lr_scale", 1.0)
     if offload:  # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -1,0 +1,258 @@
+"""BLIP (Li et al., "Bootstrapping Language-Image Pre-training") with ELIP in its ViT.
+
+Pre-training objectives as in BLIP's ``blip_pretrain.py``: ITC with momentum encoders and
+queues (shared with ALBEF, :mod:`pipeline.models.momentum`), ITM with hard negatives through the
+image-grounded text encoder ([ENC] first, every layer cross-attends to the image), and LM through
+the image-grounded text decoder ([DEC] first, causal). Encoder and decoder share every weight
+but the self-attention, as BLIP ties them: embeddings, cross-attention and feed-forward layers
+are the encoder's own modules, the decoder adds one causal self-attention per layer and uses
+the (tied) LM head. The unimodal text encoder is the same BERT without cross-attention; its
+[CLS] guides ELIP, and the teacher ViT runs unpruned, as in the official ELIP code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers.models.bert.modeling_bert import BertAttention
+
+from pipeline.models import register_model
+from pipeline.models.albef import check_guidance
+from pipeline.models.losses import sample_hard_negatives
+from pipeline.models.momentum import MomentumContrast
+from pipeline.models.text import BertTextFusion, TextConfig, causal_bias, load_tokenizer
+from pipeline.models.vit import VisionEncoder, VitConfig
+
+
+@dataclass
+class BlipConfig:
+    """``model:`` section for ``name: blip`` (defaults: BLIP's ViT-B/16 at 224 px + BERT-base).
+
+    ``text.text_layers`` must equal the BERT depth: BLIP's unimodal encoder runs every layer.
+    ``prompt`` is BLIP's captioning prompt; ``label_smoothing`` its LM loss's.
+    """
+
+    name: str = "blip"
+    vision: VitConfig = field(default_factory=lambda: VitConfig(image_size=224))
+    text: TextConfig = field(default_factory=lambda: TextConfig(text_layers=12))
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 57600
+    momentum: float = 0.995
+    alpha: float = 0.4
+    distill: bool = True
+    label_smoothing: float = 0.1
+    prompt: str = "a picture of "
+
+
+class BLIP(MomentumContrast):
+    """``forward(batch) -> dict(loss, loss_itc, loss_itm, loss_lm, tokens_per_layer, kept_patches)``."""
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.text)
+        # BLIP's tokenizer: [DEC] starts a caption for the decoder, [ENC] one for the ITM encoder
+        self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+        self.enc_token_id = self.tokenizer.convert_tokens_to_ids("[ENC]")
+        self.visual_encoder = VisionEncoder(cfg.vision)
+        self.text_encoder = BertTextFusion(cfg.text, len(self.tokenizer), cross_attention_from=0)
+        config = self.text_encoder.config
+        if cfg.text.text_layers != config.num_hidden_layers:
+            raise ValueError(
+                f"model.text.text_layers={cfg.text.text_layers} must equal the BERT depth {config.num_hidden_layers} "
+                "for BLIP: its unimodal text encoder runs every layer"
+            )
+        width = config.hidden_size
+        if width != self.visual_encoder.embed_dim:
+            raise ValueError(
+                f"model.vision width {self.visual_encoder.embed_dim} != model.text hidden_size {width}: "
+                "BLIP's cross-attention here and ELIP's [CLS] fusion need equal widths"
+            )
+        # The decoder's own causal self-attention, one per layer: all it does not share.
+        self.text_decoder_attention = nn.ModuleList(
+            BertAttention(config, is_causal=True, layer_idx=i)
+            for i in range(config.num_hidden_layers)
+        )
+        if cfg.text.pretrained is not None:  # BLIP initialises its decoder from the same BERT
+            for attn, layer in zip(self.text_decoder_attention, self.text_encoder.encoder.layer):
+                attn.load_state_dict(layer.attention.state_dict())
+        else:
+            self.text_decoder_attention.apply(self.text_encoder._init)
+        self.patch_size = self.visual_encoder.patch_size
+        self.text_guided = cfg.vision.reduction.method == "elip"
+        self.image_first = check_guidance(cfg)
+        self.vision_proj = nn.Linear(width, cfg.embed_dim)
+        self.text_proj = nn.Linear(width, cfg.embed_dim)
+        self.itm_head = nn.Linear(width, 2)
+        self.init_momentum(cfg)  # teacher copies (unpruned ViT), queues, temperature
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        self.decoder_grad_checkpointing = enable
+
+    decoder_grad_checkpointing = False
+
+    # -- the image-grounded text decoder -------------------------------------------------------
+    def _decoder_layer(self, i: int, hidden: torch.Tensor, self_bias: torch.Tensor, image_embeds: torch.Tensor):
+        """Decoder layer ``i``: its causal self-attention, then encoder layer ``i``'s cross-attention and FFN."""
+        layer = self.text_encoder.encoder.layer[i]
+        hidden = self.text_decoder_attention[i](hidden, self_bias)[0]
+        hidden = layer.crossattention(hidden, None, image_embeds, None)[0]
+        return layer.feed_forward_chunk(hidden)
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Next-token logits. ``input_ids``/``attention_mask`` ``[B, L]`` ([DEC] first), image ``[B, N, D]``
+        -> ``[B, L, V]``."""
+        enc = self.text_encoder
+        hidden = enc.embeddings(input_ids=input_ids)
+        bias = causal_bias(attention_mask, hidden.dtype)
+        image_embeds = image_embeds.to(hidden.dtype)
+        for i in range(len(self.text_decoder_attention)):
+            if self.decoder_grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(self._decoder_layer, i, hidden, bias, image_embeds, use_reentrant=False)
+            else:
+                hidden = self._decoder_layer(i, hidden, bias, image_embeds)
+        return enc.mlm_logits(hidden)
+
+    # -- training ------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        """One pre-training step's losses (ITC + ITM + LM, summed as in BLIP).
+
+        Args:
+            batch: ``image`` ``[B, 3, H, W]``, ``text`` list of B captions, optional
+                ``epoch_progress`` (ramps the distillation weight over the first epoch).
+        """
+        images, device = batch["image"], batch["image"].device
+        alpha = self.distill_alpha(batch)
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        tok = self.tokenize(batch["text"], device)
+        ids, full_mask = tok.input_ids, tok.attention_mask
+        vision = None
+        if self.image_first:  # text pruning guided by the image [CLS]: the ViT runs first, unguided
+            vision = self.visual_encoder(images, track_patches=True)
+        text = self.text_encoder.encode(ids, full_mask, image_cls=vision.tokens[:, 0] if vision else None)
+        if vision is None:
+            vision = self.visual_encoder(
+                images, text_cls=text.hidden[:, 0] if self.text_guided else None, track_patches=True
+            )
+        image_embeds = vision.tokens  # [B, N', D]
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        text_feat = F.normalize(self.text_proj(text.hidden[:, 0]), dim=-1)
+
+        with torch.no_grad():
+            self._momentum_update()
+            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(images).tokens[:, 0]), dim=-1)
+            text_m = self.text_encoder_m.encode(ids, full_mask, index=text.index)
+            text_feat_m = F.normalize(self.text_proj_m(text_m.hidden[:, 0]), dim=-1)
+        loss_itc, sim_i2t, sim_t2i = self.contrast(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
+
+        loss_itm = self._itm_loss(ids, full_mask, text.index, image_embeds, sim_i2t, sim_t2i)
+        loss_lm = self._lm_loss(ids, full_mask, image_embeds)
+        return {
+            "loss": loss_itc + loss_itm + loss_lm,
+            "loss_itc": loss_itc.detach(),
+            "loss_itm": loss_itm.detach(),
+            "loss_lm": loss_lm.detach(),
+            "tokens_per_layer": vision.tokens_per_layer,
+            "kept_patches": vision.kept_patches,
+            "text_tokens_per_layer": text.tokens_per_layer,
+        }
+
+    def _itm_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the captions with [ENC] in place of [CLS]: ``[B, L]`` -> ``[B, L, D]``."""
+        enc_ids = ids.clone()
+        enc_ids[:, 0] = self.enc_token_id
+        return self.text_encoder.embeddings(input_ids=enc_ids)
+
+    def _itm_loss(self, ids, mask, index, image_embeds, sim_i2t, sim_t2i) -> torch.Tensor:
+        """Positives, then a hard negative image per caption and a hard negative caption per
+        image, through the image-grounded encoder in one batch of ``3B``."""
+        B = len(image_embeds)
+        neg_image, neg_text = sample_hard_negatives(sim_i2t[:, :B], sim_t2i[:, :B])
+        embeds = self._itm_embeddings(ids)
+        text_all = torch.cat([embeds, embeds, embeds[neg_text]])
+        mask_all = torch.cat([mask, mask, mask[neg_text]])
+        index_all = None if index is None else torch.cat([index, index, index[neg_text]])
+        image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
+        fused = self.text_encoder.encode_embeds(text_all, mask_all, index=index_all, image_embeds=image_all)
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(image_embeds.device)
+        return F.cross_entropy(self.itm_head(fused.hidden[:, 0]), labels)
+
+    def _lm_loss(self, ids, mask, image_embeds) -> torch.Tensor:
+        """Captioning loss: [DEC] + caption, each token predicted from the ones before and the image."""
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = self.tokenizer.bos_token_id
+        logits = self.decode(dec_ids, mask, image_embeds)  # [B, L, V]
+        targets = dec_ids.masked_fill(mask == 0, -100)[:, 1:]
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+            ignore_index=-100, label_smoothing=self.cfg.label_smoothing,
+        )
+
+    # -- retrieval -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, H, W]`` -> ``(image_embeds [B, N', D], image_feat [B, E])``; vision-only selection."""
+        embeds = self.visual_encoder(images).tokens
+        return embeds, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str], device: torch.device):
+        """B captions -> ``(itm_embeds [B, L, D], mask [B, L], text_feat [B, E])``.
+
+        ``itm_embeds`` are the [ENC] captions' embedding-layer outputs: BLIP's ITM encodes the
+        caption again with the image, so that is all :meth:`itm_scores` needs to keep per caption.
+        """
+        tok = self.tokenize(texts, device)
+        hidden = self.text_encoder.encode(tok.input_ids, tok.attention_mask).hidden
+        return self._itm_embeddings(tok.input_ids), tok.attention_mask, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    @torch.no_grad()
+    def itm_scores(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Match logits ``[K]`` for K (image, text) pairs: ``[K, N', D]``, ``[K, L, D]``, ``[K, L]``."""
+        fused = self.text_encoder.encode_embeds(text_embeds, mask, image_embeds=image_embeds)
+        return self.itm_head(fused.hidden[:, 0])[:, 1].float()
+
+    # -- captioning ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_captions(
+        self, images: torch.Tensor, *, prompt: str, max_new_tokens: int, min_length: int, num_beams: int
+    ) -> list[str]:
+        """Caption images with the image-grounded decoder (transformers' beam search).
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised pixels (the ViT prunes vision-only, as in retrieval).
+            prompt: text the captions continue (BLIP: ``"a picture of "``); not part of the result.
+            max_new_tokens: most tokens generated after the prompt.
+            min_length: fewest tokens generated after the prompt before [SEP] may end a caption.
+            num_beams: beam width (1 = greedy).
+        Returns:
+            B captions without the prompt.
+        """
+        if max_new_tokens < 1 or not 0 <= min_length <= max_new_tokens or num_beams < 1:
+            raise ValueError(
+                f"generate_captions: need max_new_tokens >= 1, 0 <= min_length <= max_new_tokens and num_beams >= 1; "
+                f"got max_new_tokens={max_new_tokens}, min_length={min_length}, num_beams={num_beams}"
+            )
+        from pipeline.models.generation import generate
+
+        device = images.device
+        image_embeds = self.visual_encoder(images).tokens
+        prefix = self.tokenizer([prompt] * len(images), return_tensors="pt").input_ids[:, :-1].to(device)  # drop [SEP]
+        prefix[:, 0] = self.tokenizer.bos_token_id  # [DEC] starts a caption
+        tok = self.tokenizer
+        out = generate(
+            lambda ids, embeds: self.decode(ids, torch.ones_like(ids), embeds)[:, -1],
+            prefix, image_embeds, vocab_size=len(tok), eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_length, num_beams=num_beams,
+        )
+        return [c.strip() for c in tok.batch_decode(out[:, prefix.shape[1]:], skip_special_tokens=True)]
+
+
+register_model("blip", BlipConfig, BLIP)

@@ -1,0 +1,113 @@
+"""What ALBEF and BLIP share: momentum (teacher) encoders, feature queues and the ITC loss.
+
+A backbone subclasses :class:`MomentumContrast`, builds ``visual_encoder``, ``text_encoder``,
+``vision_proj`` and ``text_proj``, then calls :meth:`MomentumContrast.init_momentum`. The
+teacher ViT runs unpruned, as in the official ELIP code; the queues hold every rank's features.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.models.losses import concat_all_gather, itc_loss
+from pipeline.models.vit import VisionEncoder
+from pipeline.tokens.plan import ReductionConfig
+
+
+class MomentumContrast(nn.Module):
+    """Base of ALBEF and BLIP: tokenizer call, momentum update, queues, ITC with distillation.
+
+    The config must have ``vision``, ``text.max_tokens``, ``embed_dim``, ``temp``,
+    ``queue_size``, ``momentum``, ``alpha`` and ``distill``.
+    """
+
+    def init_momentum(self, cfg) -> None:
+        """Create the teacher copies (no gradient), the ``[E, Q]`` queues and the temperature."""
+        # shape [1], not ALBEF's 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.temp = nn.Parameter(torch.tensor([cfg.temp]))
+        self.visual_encoder_m = VisionEncoder(replace(cfg.vision, reduction=ReductionConfig(), checkpoint=None))
+        self.visual_encoder_m.load_state_dict(self.visual_encoder.state_dict())
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        self.model_pairs = [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+        for _, momentum_model in self.model_pairs:
+            momentum_model.requires_grad_(False)
+        q = cfg.queue_size
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def tokenize(self, texts: list[str], device: torch.device):
+        return self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.cfg.text.max_tokens, return_tensors="pt"
+        ).to(device)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual_encoder.set_grad_checkpointing(enable)
+        self.text_encoder.set_grad_checkpointing(enable)
+
+    def distill_alpha(self, batch: dict) -> float:
+        """The distillation weight, ramped up over the first epoch (``batch['epoch_progress']``)."""
+        if not self.cfg.distill:
+            return 0.0
+        return self.cfg.alpha * min(1.0, float(batch.get("epoch_progress", 1.0)))
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        m = self.cfg.momentum
+        for model, model_m in self.model_pairs:
+            for p, p_m in zip(model.parameters(), model_m.parameters()):
+                # Under ZeRO-3 a parameter's data is only its local partition (``ds_tensor``);
+                # both copies are partitioned alike, so the update runs shard by shard.
+                src, dst = (p.ds_tensor, p_m.ds_tensor) if hasattr(p, "ds_tensor") else (p.data, p_m.data)
+                dst.mul_(m).add_(src.to(dst.dtype), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+        """Push every rank's ``[B, E]`` momentum features into the ring-buffer queues."""
+        image_feat, text_feat = concat_all_gather(image_feat), concat_all_gather(text_feat)
+        q = self.image_queue.shape[1]
+        idx = (self.queue_ptr + torch.arange(image_feat.shape[0], device=image_feat.device)) % q
+        self.image_queue[:, idx] = image_feat.T.to(self.image_queue.dtype)
+        self.text_queue[:, idx] = text_feat.T.to(self.text_queue.dtype)
+        self.queue_ptr[0] = (self.queue_ptr[0] + image_feat.shape[0]) % q
+
+    def contrast(
+        self,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        image_feat_m: torch.Tensor,
+        text_feat_m: torch.Tensor,
+        alpha: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITC against the teacher's batch + queue features, then enqueue the teacher's.
+
+        Args:
+            image_feat, text_feat: ``[B, E]`` normalised student features.
+            image_feat_m, text_feat_m: ``[B, E]`` normalised teacher features (no gradient).
+            alpha: distillation weight (0 = one-hot targets).
+        Returns:
+            ``(loss, sim_i2t [B, B+Q], sim_t2i [B, B+Q])``.
+        """
+        with torch.no_grad():
+            image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
+            targets = torch.zeros(len(image_feat), image_feat_all.shape[1], device=image_feat.device)
+            targets.fill_diagonal_(1)
+            i2t_targets = t2i_targets = targets
+            if alpha > 0:
+                i2t_targets = alpha * F.softmax(image_feat_m @ text_feat_all / self.temp, dim=1) + (1 - alpha) * targets
+                t2i_targets = alpha * F.softmax(text_feat_m @ image_feat_all / self.temp, dim=1) + (1 - alpha) * targets
+        result = itc_loss(image_feat, text_feat, image_feat_all, text_feat_all, self.temp, i2t_targets, t2i_targets)
+        self._enqueue(image_feat_m, text_feat_m)
+        return result
