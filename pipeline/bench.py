@@ -2,6 +2,7 @@
 
     python -m pipeline.bench tokens [--quick] [--json]          one ViT encoder, every reduction
     python -m pipeline.bench step --backbone albef [--quick]    one full pre-training step
+    python -m pipeline.bench table [--quick]                    the paper's Table 1: every backbone x reduction
     python -m pipeline.bench data [--json]                      loader throughput vs the training step
 
 FLOPs and activation bytes are deterministic and back the claims; wall time is a median over
@@ -46,6 +47,9 @@ def run_side_by_side(cases: list[Case], repeats: int, warmup: int = 1, log=print
         if peak is not None:
             row["peak_cuda_bytes"] = peak
         rows.append(row)
+    if repeats == 0:  # deterministic costs only
+        add_ratios(rows)
+        return rows
     log(f"[bench] timing {len(cases)} methods round-robin, {warmup} warm-up + {repeats} repeats each")
     times: dict[str, list[float]] = {c.method: [] for c in cases}
     for rep in range(warmup + repeats):
@@ -81,6 +85,8 @@ def check_targets(rows: list[dict], targets: dict[str, dict[str, float]], key: s
     by_name = {r[key]: r for r in rows}
     for name, cols in targets.items():
         for col, limit in cols.items():
+            if name not in by_name or f"{col}_ratio" not in by_name[name]:
+                continue  # not measured in this run (--methods, --repeats 0)
             ratio = by_name[name][f"{col}_ratio"]
             verdict = "ok" if ratio <= limit else "MISSED"
             lines.append(f"{name:16s} {col:17s} {ratio:6.3f}x  target <= {limit:.2f}x  {verdict}")
@@ -125,23 +131,29 @@ TOKENS_TARGETS = {
 }
 
 
-def token_methods(num_patches: int, num_layers: int = 12, evit_keep_rate: float = 0.7):
+def token_methods(num_patches: int, num_layers: int = 12, evit_keep_rate: float = 0.7, elip_layout=None):
     """The compared reductions. ToMe's constant r is the one whose token-layers come closest to
-    ELIP's default plan (ViT-B/16 at 224: r=10, 1704 vs 1684); EViT keeps its paper's 0.7 at
-    layers 3/6/9 (1652)."""
-    from pipeline.tokens.plan import ReductionConfig, build_plan
+    ELIP's plan (ViT-B/16 at 224: r=10, 1704 vs 1684); EViT keeps its paper's 0.7 at layers
+    3/6/9 (1652). ``elip_layout``: ``(layers, ratios)``, default ELIP's ViT-B/16 one."""
+    from pipeline.tokens.plan import ELIP_VIT_B16, EVIT_DEFAULT_LAYERS, ReductionConfig, build_plan
+
+    layers, ratios = (list(x) for x in (elip_layout or ELIP_VIT_B16))
+
+    def elip(mode):
+        return ReductionConfig(method="elip", elip_mode=mode, layers=layers, ratios=ratios)
 
     def token_layers(cfg):
         return sum(build_plan(cfg, num_layers, num_patches).tokens_per_layer(num_patches))
 
-    elip = token_layers(ReductionConfig(method="elip"))
-    tome_r = min(range(1, num_patches // 2), key=lambda r: abs(token_layers(ReductionConfig(method="tome", r=r)) - elip))
+    target = token_layers(elip("reuse"))
+    tome_r = min(range(1, num_patches // 2),
+                 key=lambda r: abs(token_layers(ReductionConfig(method="tome", r=r)) - target))
     return {
         "none": ReductionConfig(method="none"),
-        "elip-lookahead": ReductionConfig(method="elip", elip_mode="lookahead"),
-        "elip-reuse": ReductionConfig(method="elip", elip_mode="reuse"),
+        "elip-lookahead": elip("lookahead"),
+        "elip-reuse": elip("reuse"),
         "tome": ReductionConfig(method="tome", r=tome_r),
-        "evit": ReductionConfig(method="evit", keep_rate=evit_keep_rate),
+        "evit": ReductionConfig(method="evit", keep_rate=evit_keep_rate, layers=list(EVIT_DEFAULT_LAYERS)),
     }
 
 
@@ -157,8 +169,10 @@ def num_patches(vit_cfg) -> int:
 
 
 def _describe(methods: dict) -> str:
+    elip = methods["elip-reuse"]
     return (f"ToMe r={methods['tome'].r} (closest to ELIP's token-layers), EViT keep {methods['evit'].keep_rate} "
-            "at layers 3/6/9, ELIP 0.9/0.65/0.4 before layers 2/4/10 guided by the text [CLS]")
+            f"at layers 3/6/9, ELIP {'/'.join(map(str, elip.ratios))} before layers "
+            f"{'/'.join(map(str, elip.layers))} guided by the text [CLS]")
 
 
 def bench_tokens(args) -> list[dict]:
@@ -193,57 +207,186 @@ def bench_tokens(args) -> list[dict]:
 
 
 # -- step: one full pre-training step of a backbone, every reduction -------------------------
-STEP_TARGETS = {
-    "albef": {
-        "elip-lookahead": {"flops": 0.881, "activation_bytes": 0.790},  # the paper: 8.50/9.65 TFLOPs, 69.6/88.1 GB
-        "elip-reuse": {"flops": 0.80, "activation_bytes": 0.78},
-    },
+# The paper's Table 1 (ELIP / base, batch 36): TFLOPs and GPU memory; elip-lookahead is what the
+# official code runs, so it must do at least as well; elip-reuse is ours.
+PAPER = {
+    "albef": {"tflops": (8.50, 9.65), "memory_gb": (69.6, 88.1)},
+    "blip": {"tflops": (9.34, 11.03), "memory_gb": (74.7, 90.8)},
+    "meter": {"tflops": (6.43, 8.66), "memory_gb": (70.4, 90.0)},
 }
+
+
+def _paper_ratio(backbone: str, key: str) -> float:
+    elip, base = PAPER[backbone][key]
+    return round(elip / base, 3)
+
+
+STEP_TARGETS = {
+    backbone: {
+        "elip-lookahead": {"flops": _paper_ratio(backbone, "tflops"),
+                           "activation_bytes": _paper_ratio(backbone, "memory_gb")},
+        "elip-reuse": {"flops": 0.80},
+    }
+    for backbone in PAPER
+}
+STEP_TARGETS["albef"]["elip-reuse"]["activation_bytes"] = 0.78
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 STEP_CAPTION = "two red circles at the top left and a blue square in the bottom right of the picture"
+TABLE_BATCH = 36  # the paper's Table 1 batch: FLOPs are linear in the batch, so they are scaled to it
+
+
+def elip_layout(backbone: str):
+    """ELIP's published ``(layers, ratios)`` for the backbone's ViT."""
+    from pipeline.tokens.plan import ELIP_METER_B32, ELIP_VIT_B16
+
+    return ELIP_METER_B32 if backbone == "meter" else ELIP_VIT_B16
 
 
 def backbone_config(backbone: str, reduction, image_size: int | None = None):
     """The paper-size model config of ``backbone`` (random init: FLOPs and memory need no weights)."""
+    from pipeline.models.text import TextConfig
+    from pipeline.models.vit import VitConfig
+
     if backbone == "albef":
         from pipeline.models.albef import AlbefConfig
-        from pipeline.models.text import TextConfig
-        from pipeline.models.vit import VitConfig
 
         vision = VitConfig(image_size=image_size or 256, reduction=reduction)
         return AlbefConfig(vision=vision, text=TextConfig(bert=BERT_BASE), queue_size=4096)
+    if backbone == "blip":  # ViT-B/16 at 224, BERT-base as unimodal encoder, grounded encoder and decoder
+        from pipeline.models.blip import BlipConfig
+
+        vision = VitConfig(image_size=image_size or 224, reduction=reduction)
+        return BlipConfig(vision=vision, text=TextConfig(bert=BERT_BASE, text_layers=12), queue_size=4096)
+    if backbone == "meter":  # CLIP ViT-B/32 (11 layers) at 224, BERT-base, 6 co-attention layers per stream
+        from pipeline.models.meter import MeterConfig
+
+        vision = VitConfig(model_name="vit_base_patch32_clip_224", image_size=image_size or 224,
+                           timm_kwargs={"depth": 11}, reduction=reduction)
+        return MeterConfig(vision=vision, text=TextConfig(bert=BERT_BASE, text_layers=12, max_tokens=50))
     raise ValueError(f"--backbone {backbone!r}: known backbones are {sorted(STEP_TARGETS)}")
 
 
-def bench_step(args) -> list[dict]:
+def step_cases(backbone: str, batch: int, device, image_size: int | None = None, only: list[str] | None = None):
+    """One :class:`Case` per reduction of ``backbone``: a full pre-training step, all losses.
+
+    Every case's model holds the same parameter and buffer tensors (the reduction changes no
+    weight; one paper-size copy in memory instead of five) and frees its gradients after the step.
+    Returns ``(cases, methods, image_size)``.
+    """
     from pipeline.models import build_model
     from pipeline.tokens.plan import ReductionConfig
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch = args.batch or (2 if args.quick else 8)
-    repeats = args.repeats or (3 if args.quick else 5)
-    cases = []
-    methods = token_methods(num_patches(backbone_config(args.backbone, ReductionConfig(), args.image_size).vision))
+    vit = backbone_config(backbone, ReductionConfig(), image_size).vision
+    depth = vit.timm_kwargs.get("depth", 12)
+    methods = token_methods(num_patches(vit), depth, elip_layout=elip_layout(backbone))
+    if only:
+        unknown = sorted(set(only) - set(methods))
+        if unknown:
+            raise ValueError(f"--methods {unknown}: known methods are {list(methods)}")
+        methods = {m: r for m, r in methods.items() if m in only}
+    cases, first = [], None
     for method, reduction in methods.items():
         torch.manual_seed(0)
-        model = build_model(backbone_config(args.backbone, reduction, args.image_size)).to(device).train()
+        cfg = backbone_config(backbone, reduction, image_size)
+        if first is None:
+            model = first = build_model(cfg).to(device)
+        else:
+            with torch.device("meta"):
+                model = build_model(cfg)
+            _share_tensors(model, first)
+        model.train()
         size = model.visual_encoder.cfg.image_size
         images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         data = {"image": images, "text": [STEP_CAPTION] * batch, "epoch_progress": 1.0}
 
         def step(model=model, data=data):
             model.zero_grad(set_to_none=True)
-            torch.manual_seed(1)  # same MLM masks and hard negatives for every method
+            torch.manual_seed(1)  # same MLM masks, hard negatives and ITM pairs for every method
             model(data)["loss"].backward()
+            model.zero_grad(set_to_none=True)
 
         tokens = sum(model.visual_encoder.expected_tokens_per_layer())
         cases.append(Case(method, step, list(model.parameters()), {"token_layers": tokens}))
+    return cases, methods, size
+
+
+def _share_tensors(model: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Point a meta-device ``model`` at ``source``'s parameters and buffers (same architecture)."""
+    model.load_state_dict(source.state_dict(), assign=True)
+    buffers = dict(source.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers are not in the state dict (BERT's position_ids)
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = buffers[name]
+
+
+def _batch_repeats(args) -> tuple[int, int]:
+    batch = args.batch or (2 if args.quick else 8)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    return batch, repeats
+
+
+def bench_step(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, repeats = _batch_repeats(args)
+    only = args.methods.split(",") if args.methods else None
+    cases, methods, size = step_cases(args.backbone, batch, device, args.image_size, only)
+    described = _describe(methods) if {"tome", "evit", "elip-reuse"} <= set(methods) else f"methods {list(methods)}"
     print(f"[bench] step: {args.backbone} (paper size, random init) at {size}px, batch {batch}, one full "
-          f"pre-training step (all losses, forward + backward) per reduction on {device}; {_describe(methods)}",
+          f"pre-training step (all losses, forward + backward) per reduction on {device}; {described}",
           flush=True)
     rows = run_side_by_side(cases, repeats)
     report(rows, [("method", "method", "{}"), ("token_layers", "ViT token-layers", "{}"), *COST_COLUMNS],
            STEP_TARGETS[args.backbone])
+    return rows
+
+
+TABLE_COLUMNS = [
+    ("backbone", "backbone", "{}"),
+    ("method", "method", "{}"),
+    ("tflops_at_36", "TFLOPs@36", "{:.2f}"),
+    ("flops_ratio", "x", "{:.3f}"),
+    ("wall_s", "latency s", "{:.3f}"),
+    ("wall_s_ratio", "x", "{:.3f}"),
+    ("activation_gib", "act GiB", "{:.2f}"),
+    ("activation_bytes_ratio", "x", "{:.3f}"),
+    ("peak_cuda_gib", "CUDA peak GiB", "{:.2f}"),
+    ("peak_cuda_bytes_ratio", "x", "{:.3f}"),
+]
+
+
+def bench_table(args) -> list[dict]:
+    """The paper's Table 1 for every backbone x reduction, each backbone's methods side by side."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, repeats = _batch_repeats(args)
+    backbones = args.backbones.split(",")
+    print(f"[bench] table: one full pre-training step (all losses, forward + backward) per backbone and "
+          f"reduction, paper-size models (random init) at batch {batch} on {device}; TFLOPs@36 = measured "
+          f"FLOPs x {TABLE_BATCH}/{batch} (FLOPs are linear in the batch); latency, activation bytes saved "
+          f"for backward and CUDA peak memory at batch {batch}; every ratio is to 'none' of the same backbone",
+          flush=True)
+    rows, lines = [], []
+    for backbone in backbones:
+        if backbone not in STEP_TARGETS:
+            raise ValueError(f"--backbones: unknown backbone {backbone!r}; known: {sorted(STEP_TARGETS)}")
+        cases, methods, size = step_cases(backbone, batch, device, only=args.methods.split(",") if args.methods else None)
+        described = _describe(methods) if {"tome", "evit", "elip-reuse"} <= set(methods) else f"methods {list(methods)}"
+        print(f"[bench] {backbone} at {size}px: {described}", flush=True)
+        part = run_side_by_side(cases, repeats)
+        for row in part:
+            row["backbone"] = backbone
+            row["tflops_at_36"] = row["flops"] * TABLE_BATCH / batch / 1e12
+            row["activation_gib"] = row["activation_bytes"] / 2**30
+            if "peak_cuda_bytes" in row:
+                row["peak_cuda_gib"] = row["peak_cuda_bytes"] / 2**30
+        rows += part
+        paper = PAPER[backbone]
+        lines.append(f"{backbone}: paper (ELIP/base) {paper['tflops'][0]}/{paper['tflops'][1]} TFLOPs "
+                     f"= {_paper_ratio(backbone, 'tflops'):.3f}x, {paper['memory_gb'][0]}/{paper['memory_gb'][1]} GB "
+                     f"= {_paper_ratio(backbone, 'memory_gb'):.3f}x")
+        lines += [f"{backbone:6s} {line}" for line in check_targets(part, STEP_TARGETS[backbone])]
+    print(format_table(rows, TABLE_COLUMNS))
+    print("\n".join(lines))
     return rows
 
 
@@ -313,6 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     tokens.add_argument("--evit-keep-rate", type=float, default=0.7)
     step.add_argument("--backbone", default="albef", choices=sorted(STEP_TARGETS))
     step.add_argument("--image-size", type=int, default=None, help="default: the backbone's pre-training size")
+    step.add_argument("--methods", default=None, help="comma-separated subset of the reductions (default: all)")
+    table = sub.add_parser("table", help="the paper's Table 1: every backbone x reduction, ratios to none")
+    table.add_argument("--quick", action="store_true", help="batch 2 and 3 repeats (same models)")
+    table.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+    table.add_argument("--batch", type=int, default=None)
+    table.add_argument("--repeats", type=int, default=None, help="timed steps per method; 0 = FLOPs and bytes only")
+    table.add_argument("--backbones", default=",".join(PAPER), help="comma-separated (default: all)")
+    table.add_argument("--methods", default=None, help="comma-separated subset of the reductions (default: all)")
     data = sub.add_parser("data", help="loader samples/s with 1 and 2 workers next to the training step's")
     data.add_argument("--config", default="tiny_albef_elip", help="config whose transforms and model are used")
     data.add_argument("--num", type=int, default=1024, help="synthetic samples to load")
@@ -320,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
     args = parser.parse_args(argv)
 
-    rows = {"tokens": bench_tokens, "step": bench_step, "data": bench_data}[args.bench](args)
+    rows = {"tokens": bench_tokens, "step": bench_step, "table": bench_table, "data": bench_data}[args.bench](args)
     if args.json:
         print(json.dumps({"rows": rows}))
     return 0

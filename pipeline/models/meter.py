@@ -226,11 +226,9 @@ class METER(nn.Module):
         loss_mlm = F.cross_entropy(logits[predicted].float(), labels[predicted]) if predicted.any() else logits.sum() * 0.0
 
         # ITM: half the captions keep their image, the others get another image of the batch
-        itm_labels = torch.cat([torch.ones(B // 2), torch.zeros(B - B // 2)])[torch.randperm(B)].long().to(device)
-        other = (torch.arange(B) + torch.randint(1, B, (B,))) % B  # never the sample itself
-        pick = torch.where(itm_labels.bool().cpu(), torch.arange(B), other).to(device)
-        cls_feats = self.infer(ids, mask, images[pick])[3]
-        loss_itm = F.cross_entropy(self.itm_score(cls_feats).float(), itm_labels)
+        itm_labels, pick = itm_pairs(B)
+        cls_feats = self.infer(ids, mask, images[pick.to(device)])[3]
+        loss_itm = F.cross_entropy(self.itm_score(cls_feats).float(), itm_labels.to(device))
         return {  # token statistics of the MLM pass, whose rows are the batch's own images
             "loss": loss_itm + loss_mlm,
             "loss_itm": loss_itm.detach(),
@@ -263,6 +261,18 @@ class METER(nn.Module):
             cls_feats = self.fuse(text_embeds[part], mask[part], image_embeds[part])[2]
             scores.append(self.itm_score(cls_feats)[:, 1].float())
         return torch.cat(scores)
+
+
+def itm_pairs(batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """METER's ITM pairs within a batch (its "false image" is another sample's).
+
+    Returns ``(labels [B], image_index [B])``: ``B // 2`` captions at random positions keep their
+    image (label 1); each other caption gets a different image of the batch (label 0).
+    """
+    labels = torch.cat([torch.ones(batch // 2), torch.zeros(batch - batch // 2)])
+    labels = labels[torch.randperm(batch, generator=generator)].long()
+    other = (torch.arange(batch) + torch.randint(1, batch, (batch,), generator=generator)) % batch  # never itself
+    return labels, torch.where(labels.bool(), torch.arange(batch), other)
 
 
 def _init_weights(module: nn.Module) -> None:

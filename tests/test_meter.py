@@ -1,0 +1,141 @@
+"""METER with ELIP: co-attention fusion, ITM + MLM, ELIP guided by the pre-projection text [CLS],
+ITM-only retrieval over every pair, a local RoBERTa text encoder."""
+import pytest
+import torch
+
+from data_prep import synthetic
+from pipeline.config import load_config
+from pipeline.eval.retrieval import UNRANKED, evaluate_shards
+from pipeline.models import build_model
+from pipeline.models.meter import itm_pairs
+from tests.helpers_backbones import synthetic_batch
+
+
+@pytest.fixture(scope="module")
+def meter():
+    torch.manual_seed(0)
+    return build_model(load_config("tiny_meter_elip").model)
+
+
+def test_forward_returns_finite_losses_and_elip_token_counts(meter):
+    meter.train()
+    out = meter(synthetic_batch(4))
+    for key in ("loss", "loss_itm", "loss_mlm"):
+        assert torch.isfinite(out[key]), key
+    assert torch.allclose(out["loss"].detach(), out["loss_itm"] + out["loss_mlm"])
+    # 16 patches: ELIP keeps int(0.9*16)=14, int(0.7*16)=11, int(0.45*16)=7 (+ [CLS] + fused token)
+    assert out["tokens_per_layer"] == [17, 16, 13, 9] == meter.visual_encoder.expected_tokens_per_layer()
+    meter.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    for module in (meter.visual_encoder.patch_embed, meter.text_transformer.embeddings, meter.cross_modal_image_layers,
+                   meter.cross_modal_text_layers, meter.itm_score, meter.mlm_score):
+        assert any(p.grad is not None for p in module.parameters()), module
+
+
+def test_elip_is_guided_by_the_text_cls_before_the_cross_modal_projection(meter, monkeypatch):
+    meter.eval()
+    seen = {}
+    original = meter.visual_encoder.forward
+
+    def spy(images, text_cls=None, track_patches=False):
+        seen["text_cls"] = text_cls
+        return original(images, text_cls=text_cls, track_patches=track_patches)
+
+    monkeypatch.setattr(meter.visual_encoder, "forward", spy)
+    tok = meter.tokenize(["two red circles at the top left"] * 2, torch.device("cpu"))
+    meter.infer(tok.input_ids, tok.attention_mask, torch.randn(2, 3, 64, 64))
+    text = meter.encode_text(tok.input_ids, tok.attention_mask)
+    assert torch.equal(seen["text_cls"], text.hidden[:, 0])
+
+
+def test_itm_pairs_half_positive_and_negatives_are_other_images():
+    for seed in range(10):
+        labels, pick = itm_pairs(6, torch.Generator().manual_seed(seed))
+        assert labels.sum() == 3
+        same = pick == torch.arange(6)
+        assert torch.equal(same, labels.bool())  # positives keep their image, negatives never do
+
+
+def test_image_stream_self_attention_is_not_causal():
+    """A later image token must influence the first one (the fusion layers are transformers'
+    decoder-config BertLayers: without an explicit mask their self-attention would be causal).
+    One fusion layer, so that the image stream sees the others only through its self-attention."""
+    torch.manual_seed(0)
+    meter = build_model(load_config("tiny_meter_elip", ["model.fusion_layers=1"]).model).eval()
+    text = torch.randn(1, 5, 64)
+    image = torch.randn(1, 9, 64)
+    changed = image.clone()
+    changed[0, -1] += 1.0
+    _, y1, _ = meter.fuse(text, torch.ones(1, 5, dtype=torch.long), image)
+    _, y2, _ = meter.fuse(text, torch.ones(1, 5, dtype=torch.long), changed)
+    assert not torch.allclose(y1[0, 0], y2[0, 0])
+
+
+def test_retrieval_scores_every_pair_by_itm(meter, tmp_path):
+    meter.eval()
+    synthetic.build(tmp_path / "eval", num=6, split="test", captions_per_image=2, image_size=64, shard_size=6,
+                    min_shards=1)
+    calls = []
+    original = meter.itm_scores
+
+    def count(image_embeds, text_embeds, mask):
+        calls.append(len(image_embeds))
+        return original(image_embeds, text_embeds, mask)
+
+    meter.itm_scores = count
+    try:
+        m = evaluate_shards(meter, str(tmp_path / "eval"), image_size=64, batch_size=4, k_test=2)
+    finally:
+        del meter.itm_scores
+    assert m["num_images"] == 6 and m["num_texts"] == 12
+    assert "itc_txt_r1" not in m  # no ITC to report
+    # k_test=2 is ignored: each image row scores all 12 captions, each caption row all 6 images
+    assert calls == [12] * 6 + [6] * 12
+    assert m["txt_r10"] >= m["txt_r5"] >= m["txt_r1"] and m["img_r10"] == 100.0  # 6 images: all within 10
+
+
+def test_rerank_without_itc_leaves_no_pair_unranked(meter):
+    import pipeline.eval.retrieval as retrieval
+
+    meter.eval()
+    images, _ = meter.image_features(torch.randn(3, 3, 64, 64))
+    texts, mask, _ = meter.text_features(["a red square", "two blue circles", "a green triangle", "one"], "cpu")
+    sims = torch.zeros(3, 4)
+    scores = retrieval._rerank(meter, sims, images, texts, mask, True, 4, 0, 1)
+    assert (scores != UNRANKED).all()
+    assert torch.allclose(scores[1], meter.itm_scores(images[1:2].expand(4, -1, -1), texts, mask))
+
+
+def test_local_roberta_text_encoder(tmp_path):
+    """METER's RoBERTa option: a local directory with a BPE tokenizer and a RobertaModel."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    corpus = [synthetic.make_example(0, i)[1][0] for i in range(50)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=320, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(tmp_path))
+    tok = RobertaTokenizer.from_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=128, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    source = RobertaModel(config, add_pooling_layer=False)
+    source.save_pretrained(tmp_path)
+    cfg = load_config("tiny_meter_elip", [f"model.text.pretrained={tmp_path}", "model.text.text_layers=2"]).model
+    model = build_model(cfg)
+    assert type(model.text_transformer).__name__ == "RobertaModel" and len(model.tokenizer) == len(tok) > 100
+    assert torch.equal(model.text_transformer.encoder.layer[1].output.dense.weight,
+                       source.encoder.layer[1].output.dense.weight)
+    out = model(synthetic_batch(4))
+    assert torch.isfinite(out["loss"]) and out["loss_mlm"] > 0
+
+
+def test_config_errors_name_the_keys():
+    with pytest.raises(ValueError, match="model.text.text_layers=3 must equal the text encoder depth 4"):
+        build_model(load_config("tiny_meter_elip", ["model.text.text_layers=3"]).model)
+    with pytest.raises(ValueError, match="model.fusion_layers=0"):
+        build_model(load_config("tiny_meter_elip", ["model.fusion_layers=0"]).model)
+    with pytest.raises(ValueError, match="needs at least 2 samples"):
+        build_model(load_config("tiny_meter_elip").model)(synthetic_batch(1))
