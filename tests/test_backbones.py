@@ -1,5 +1,6 @@
 """BLIP and METER end to end: losses that fall on the tiny synthetic set, retrieval evaluation,
 and a two-rank DeepSpeed pre-training whose checkpoint ``python -m pipeline.eval retrieval`` reloads."""
+import copy
 import math
 
 import pytest
@@ -25,6 +26,23 @@ def test_losses_are_finite_and_fall_on_the_synthetic_set(config):
     for key in ("loss", CAPTION_LOSS[config]):
         before, after = sum(h[key] for h in first) / 3, sum(h[key] for h in last) / 3
         assert after < 0.9 * before, (key, before, after)
+
+
+@pytest.mark.parametrize("config", sorted(CAPTION_LOSS))
+def test_grad_checkpointing_gives_the_same_step(config):
+    torch.manual_seed(0)
+    original = build_model(load_config(config).model).train()
+    batch = synthetic_batch(4)
+    grads = []
+    for enable in (False, True):
+        model = copy.deepcopy(original)  # a step changes the queues and the teacher
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(1)  # same masks, negatives and dropout
+        out = model(batch)
+        out["loss"].backward()
+        grads.append((out["loss"].item(), model.visual_encoder.patch_embed.proj.weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("config", sorted(CAPTION_LOSS))

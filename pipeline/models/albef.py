@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pipeline.models import register_model
 from pipeline.models.losses import mask_tokens, sample_hard_negatives
 from pipeline.models.momentum import MomentumContrast
-from pipeline.models.text import BertTextFusion, TextConfig, load_tokenizer
+from pipeline.models.text import BertTextFusion, TextConfig, check_guidance, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
 
 
@@ -161,21 +161,6 @@ class ALBEF(MomentumContrast):
         """Match logits ``[K]`` for K (image, text) pairs: ``[K, N', D]``, ``[K, L, D]``, ``[K, L]``."""
         fused_cls = self.text_encoder.fuse(text_embeds, mask, image_embeds)[:, 0]
         return self.itm_head(fused_cls)[:, 1].float()
-
-
-def check_guidance(cfg) -> bool:
-    """Whether the ViT must run before the text encoder (``text.prune.strategy: learned``).
-
-    ELIP needs the text [CLS] before the ViT, learned text pruning the image [CLS] before the
-    text layers: the two cannot guide each other in one step, so the pair is a config error.
-    """
-    learned = cfg.text.prune.strategy == "learned"
-    if learned and cfg.vision.reduction.method == "elip":
-        raise ValueError(
-            "model.text.prune.strategy=learned needs the image [CLS] before the text encoder, while "
-            "model.vision.reduction.method=elip needs the text [CLS] before the ViT: use one of them"
-        )
-    return learned
 
 
 register_model("albef", AlbefConfig, ALBEF)

@@ -20,10 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.bert.modeling_bert import BertAttention
 
 from pipeline.models import register_model
-from pipeline.models.albef import check_guidance
 from pipeline.models.losses import sample_hard_negatives
 from pipeline.models.momentum import MomentumContrast
-from pipeline.models.text import BertTextFusion, TextConfig, causal_bias, load_tokenizer
+from pipeline.models.text import BertTextFusion, TextConfig, causal_bias, check_guidance, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
 
 
@@ -90,11 +89,11 @@ class BLIP(MomentumContrast):
         self.itm_head = nn.Linear(width, 2)
         self.init_momentum(cfg)  # teacher copies (unpruned ViT), queues, temperature
 
+    decoder_grad_checkpointing = False
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
         self.decoder_grad_checkpointing = enable
-
-    decoder_grad_checkpointing = False
 
     # -- the image-grounded text decoder -------------------------------------------------------
     def _decoder_layer(self, i: int, hidden: torch.Tensor, self_bias: torch.Tensor, image_embeds: torch.Tensor):

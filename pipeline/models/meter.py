@@ -19,13 +19,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertLayer, BertOnlyMLMHead, BertPooler
 
 from pipeline.models import register_model
-from pipeline.models.albef import check_guidance
 from pipeline.models.losses import mask_tokens
-from pipeline.models.text import TextConfig, TextOutput, check_prune, load_tokenizer, padding_bias, run_layers
+from pipeline.models.text import (
+    TextConfig,
+    TextOutput,
+    check_guidance,
+    check_prune,
+    load_tokenizer,
+    padding_bias,
+    run_layers,
+)
 from pipeline.models.vit import VisionEncoder, VitConfig
 from pipeline.tokens.plan import ELIP_METER_B32, ReductionConfig
 
@@ -179,7 +187,7 @@ class METER(nn.Module):
     def _layer(self, layer, hidden, bias, other, other_bias):
         kwargs = dict(encoder_hidden_states=other, encoder_attention_mask=other_bias)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(layer, hidden, bias, use_reentrant=False, **kwargs)
+            return checkpoint(layer, hidden, bias, use_reentrant=False, **kwargs)
         return layer(hidden, bias, **kwargs)
 
     def infer(self, ids, mask, images, index=None):

@@ -97,6 +97,21 @@ def check_prune(cfg: TextPruneConfig, text_layers: int) -> int | None:
     return layer
 
 
+def check_guidance(cfg) -> bool:
+    """Whether the ViT must run before the text encoder (``text.prune.strategy: learned``).
+
+    ELIP needs the text [CLS] before the ViT, learned text pruning the image [CLS] before the
+    text layers: the two cannot guide each other in one step, so the pair is a config error.
+    """
+    learned = cfg.text.prune.strategy == "learned"
+    if learned and cfg.vision.reduction.method == "elip":
+        raise ValueError(
+            "model.text.prune.strategy=learned needs the image [CLS] before the text encoder, while "
+            "model.vision.reduction.method=elip needs the text [CLS] before the ViT: use one of them"
+        )
+    return learned
+
+
 class TextOutput(NamedTuple):
     """A text encoder's output (a named tuple, so that ZeRO-3 sees its tensors).
 
