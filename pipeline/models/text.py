@@ -48,7 +48,8 @@ class TextConfig:
     ``pretrained``: a local BERT directory (``config.json`` + weights, e.g. bert-base-uncased);
     ``None`` builds a random BERT from ``bert`` (BertConfig keys; tiny test models).
     ``tokenizer``: a local tokenizer directory; default: ``pretrained``, else the shipped tiny
-    vocabulary. ``text_layers``: layers without cross-attention (ALBEF: 6 of 12).
+    vocabulary. ``text_layers``: the layers that encode text alone (ALBEF: 6 of 12, the rest
+    fuse; BLIP and METER: all of them). ``prune``: the text-token pruning ablation.
     """
 
     pretrained: str | None = None
