@@ -139,3 +139,22 @@ def test_config_errors_name_the_keys():
         build_model(load_config("tiny_meter_elip", ["model.fusion_layers=0"]).model)
     with pytest.raises(ValueError, match="needs at least 2 samples"):
         build_model(load_config("tiny_meter_elip").model)(synthetic_batch(1))
+
+
+def test_clip_vit_weights_load_without_their_last_layer(tmp_path):
+    """meter_elip.yaml keeps 11 of CLIP's 12 layers (timm_kwargs depth 11, pretrained_strict false)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from pipeline.models.vit import VisionEncoder, VitConfig
+
+    torch.manual_seed(0)
+    dims = dict(embed_dim=64, num_heads=2, patch_size=16)
+    clip = timm.create_model("vit_base_patch32_clip_224", depth=5, img_size=64, num_classes=0, **dims)
+    save_file(clip.state_dict(), str(tmp_path / "model.safetensors"))
+    vit = VisionEncoder(VitConfig(model_name="vit_base_patch32_clip_224", image_size=64, checkpoint=str(tmp_path),
+                                  timm_kwargs=dict(depth=4, pretrained_strict=False, **dims)))
+    assert len(vit.blocks) == 4
+    assert torch.equal(vit.blocks[3].mlp.fc1.weight, clip.blocks[3].mlp.fc1.weight)
+    assert torch.equal(vit.norm.weight, clip.norm.weight)  # CLIP's ln_post, applied after the kept layers
+    assert torch.equal(vit.norm_pre.weight, clip.norm_pre.weight)  # ln_pre

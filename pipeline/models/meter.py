@@ -12,7 +12,6 @@ before the cross-modal projection guides the ViT (layers 2/4/9, ratios 0.9/0.7/0
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,9 +122,8 @@ class METER(nn.Module):
         self.token_type_embeddings = nn.Embedding(2, width)
         self.cross_modal_text_layers = nn.ModuleList(BertLayer(fusion, layer_idx=i) for i in range(cfg.fusion_layers))
         self.cross_modal_image_layers = nn.ModuleList(BertLayer(fusion, layer_idx=i) for i in range(cfg.fusion_layers))
-        pooler_config = copy.deepcopy(fusion)
-        self.cross_modal_text_pooler = BertPooler(pooler_config)
-        self.cross_modal_image_pooler = BertPooler(pooler_config)
+        self.cross_modal_text_pooler = BertPooler(fusion)  # dense + tanh on the stream's first token
+        self.cross_modal_image_pooler = BertPooler(fusion)
         self.mlm_score = BertOnlyMLMHead(fusion)
         self.itm_score = nn.Linear(2 * width, 2)
         for module in (self.cross_modal_text_transform, self.cross_modal_image_transform, self.token_type_embeddings,
