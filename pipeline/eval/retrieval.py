@@ -124,8 +124,11 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 64
         sims = torch.zeros(len(image_embeds), len(text_embeds), device=image_embeds.device)
         k_test = max(sims.shape)
     i2t = _rerank(model, sims, image_embeds, text_embeds, text_masks, True, k_test, rank, world_size)
-    t2i = _rerank(model, sims.T.contiguous(), (text_embeds, text_masks), image_embeds, None, False,
-                  k_test, rank, world_size)
+    if has_itc:
+        t2i = _rerank(model, sims.T.contiguous(), (text_embeds, text_masks), image_embeds, None, False,
+                      k_test, rank, world_size)
+    else:  # every pair is already scored, and a pair's ITM score does not depend on the direction
+        t2i = i2t.T.contiguous()
     metrics = recall_at_k(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)
     if has_itc:
         itc = recall_at_k(sims.cpu().numpy(), sims.T.cpu().numpy(), img2txt, txt2img)
