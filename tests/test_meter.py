@@ -158,3 +158,22 @@ def test_clip_vit_weights_load_without_their_last_layer(tmp_path):
     assert torch.equal(vit.blocks[3].mlp.fc1.weight, clip.blocks[3].mlp.fc1.weight)
     assert torch.equal(vit.norm.weight, clip.norm.weight)  # CLIP's ln_post, applied after the kept layers
     assert torch.equal(vit.norm_pre.weight, clip.norm_pre.weight)  # ln_pre
+
+
+def test_cross_modal_layers_and_heads_get_five_times_the_learning_rate():
+    from pipeline.train.optim import build_optimizer, build_scheduler
+
+    cfg = load_config("tiny_meter_elip", ["optim.max_steps=10"])
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg, offload=False)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    for _ in range(3):  # through the warm-up: the schedule scales every group alike
+        lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        base = lr[id(model.text_transformer.embeddings.word_embeddings.weight)]
+        assert lr[id(model.visual_encoder.patch_embed.proj.weight)] == base
+        assert lr[id(model.token_type_embeddings.weight)] == base  # not a cross_modal_* module in METER
+        for p in (model.cross_modal_text_layers[0].attention.self.query.weight, model.cross_modal_image_pooler.dense.bias,
+                  model.itm_score.weight, model.mlm_score.predictions.transform.dense.weight):
+            assert lr[id(p)] == pytest.approx(5 * base)
+        optimizer.step()
+        scheduler.step()

@@ -75,7 +75,7 @@ class ALBEF(MomentumContrast):
 
         tok = self.tokenize(batch["text"], device)
         ids, mask = tok.input_ids, tok.attention_mask
-        vision = text = None
+        vision = None
         if self.image_first:  # text pruning guided by the image [CLS]: the ViT runs first, unguided
             vision = self.visual_encoder(images, track_patches=True)
         text = self.text_encoder.encode(ids, mask, image_cls=vision.tokens[:, 0] if vision else None)
