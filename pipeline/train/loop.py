@@ -77,7 +77,12 @@ def _eval_hook(cfg: ExperimentConfig):
         return None
     if not cfg.eval.shards:
         raise ValueError("eval.shards: eval.every > 0 needs an evaluation shard set")
-    from pipeline.eval.retrieval import evaluate
+    from pipeline.models import eval_task
+
+    if eval_task(cfg.model.name) == "caption":
+        from pipeline.eval.caption import evaluate
+    else:
+        from pipeline.eval.retrieval import evaluate
 
     return evaluate
 
