@@ -2,10 +2,10 @@
 import argparse
 import sys
 
-from . import captions, cc3m, coco, flickr30k, images, report, sbu, synthetic, vg
+from . import captions, cc3m, coco, flickr30k, images, report, sbu, synthetic, vg, video
 from .errors import DataPrepError
 
-SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic)
+SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic, video)
 
 
 def _common(parser) -> None:
