@@ -37,6 +37,20 @@ def require_java() -> None:
         raise FileNotFoundError(f"java not found: {JAVA_HINT}")
 
 
+_METEOR = None
+
+
+def _meteor():
+    """One METEOR scorer (a Java process) per Python process: starting it loads its paraphrase
+    tables, about 10 s, so evaluations share it; it ends with the interpreter."""
+    global _METEOR
+    if _METEOR is None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    return _METEOR
+
+
 def score_captions(references: dict[str, list[str]], candidates: dict[str, str]) -> dict[str, float]:
     """COCO caption metrics of ``candidates`` against ``references`` (same keys), x100.
 
@@ -53,7 +67,6 @@ def score_captions(references: dict[str, list[str]], candidates: dict[str, str])
     require_java()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -61,11 +74,7 @@ def score_captions(references: dict[str, list[str]], candidates: dict[str, str])
     gts = tokenizer.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
     res = tokenizer.tokenize({k: [{"caption": c}] for k, c in candidates.items()})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    meteor_scorer = Meteor()
-    try:
-        meteor, _ = meteor_scorer.compute_score(gts, res)
-    finally:
-        del meteor_scorer  # its __del__ stops the Java process
+    meteor, _ = _meteor().compute_score(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     scores = dict(zip(METRICS, [*bleu, meteor, rouge, cider]))

@@ -76,11 +76,23 @@ def build_tiny_llm(out_dir: str | Path, config: dict, *, steps: int = 300, seed:
                    tokenizer: str | None = None, batch_size: int = 32, lr: float = 3e-3) -> Path:
     """Create a tiny causal LM (``config``: transformers config keys with ``model_type`` ``opt``
     or ``llama``), LM-train it ``steps`` steps on synthetic captions and save model + tokenizer
-    to ``out_dir``. Deterministic in ``seed``; safe when several processes build the same
-    directory at once (each writes a private temp directory, the first rename wins)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    to ``out_dir``. Deterministic in ``seed``. Several processes may call it at once (training
+    ranks): the first builds under a file lock, the others wait and find it done."""
+    import fcntl
 
     out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out_dir / "config.json").is_file():
+            _build(out_dir, config, steps, seed, tokenizer, batch_size, lr)
+    return out_dir
+
+
+def _build(out_dir: Path, config: dict, steps: int, seed: int, tokenizer: str | None, batch_size: int,
+           lr: float) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     tok = load_tiny_tokenizer(tokenizer)
     kwargs = dict(config)
     model_type = kwargs.pop("model_type", None)
@@ -89,6 +101,7 @@ def build_tiny_llm(out_dir: str | Path, config: dict, *, steps: int = 300, seed:
     kwargs.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id)
     cfg = AutoConfig.for_model(model_type, **kwargs)
+    log.info("building the tiny %s LLM in %s (%d LM pre-training steps, once)", model_type, out_dir, steps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
@@ -98,14 +111,7 @@ def build_tiny_llm(out_dir: str | Path, config: dict, *, steps: int = 300, seed:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:  # another process finished first: same seed, same weights
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out_dir / "config.json").is_file():
-            raise
-    return out_dir
+    os.rename(tmp, out_dir)  # complete or absent, never half-written
 
 
 class _ContextCodes(torch.nn.Module):

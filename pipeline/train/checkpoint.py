@@ -200,7 +200,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
     tag_dir = find_checkpoint(path)
     state = consolidated_state_dict(tag_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # remove_duplicate=False: a frozen LLM's tied lm_head.weight is a name of its own in the state dict
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {tag_dir} does not fit the model: missing {missing[:8]}, "
