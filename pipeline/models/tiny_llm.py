@@ -76,17 +76,32 @@ def build_tiny_llm(out_dir: str | Path, config: dict, *, steps: int = 300, seed:
                    tokenizer: str | None = None, batch_size: int = 32, lr: float = 3e-3) -> Path:
     """Create a tiny causal LM (``config``: transformers config keys with ``model_type`` ``opt``
     or ``llama``), LM-train it ``steps`` steps on synthetic captions and save model + tokenizer
-    to ``out_dir``. Deterministic in ``seed``. Several processes may call it at once (training
-    ranks): the first builds under a file lock, the others wait and find it done."""
+    to ``out_dir``. Deterministic in ``seed``. Several processes may call it at once: one builds
+    under a file lock, the others wait and find it done. Under torch.distributed only rank 0
+    builds (transformers' ``save_pretrained`` writes weights on rank 0 only); the other ranks
+    wait for the directory."""
     import fcntl
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        _wait_for(out_dir)
+        return out_dir
     with open(out_dir.with_name(f".{out_dir.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out_dir / "config.json").is_file():
             _build(out_dir, config, steps, seed, tokenizer, batch_size, lr)
     return out_dir
+
+
+def _wait_for(out_dir: Path, timeout_s: float = 3600.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (out_dir / "config.json").is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"model.llm.pretrained: rank 0 did not build {out_dir} within {timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
 def _build(out_dir: Path, config: dict, steps: int, seed: int, tokenizer: str | None, batch_size: int,
@@ -111,6 +126,8 @@ def _build(out_dir: Path, config: dict, steps: int, seed: int, tokenizer: str | 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
+    if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
+        raise RuntimeError(f"saving the tiny LLM to {tmp} wrote no weights")
     os.rename(tmp, out_dir)  # complete or absent, never half-written
 
 
