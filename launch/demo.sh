@@ -64,7 +64,8 @@ m = json.load(open(sys.argv[1]))
 u = m["untrained"]
 ok = m["cider"] >= 1.5 * u["cider"] and m["cider"] >= u["cider"] + 20
 print(f"CIDEr {m['cider']:.1f} (untrained {u['cider']:.1f}), BLEU-4 {m['bleu_4']:.1f} (untrained {u['bleu_4']:.1f}): "
-      + ("clearly above the untrained model (at least 1.5x and +20 CIDEr)" if ok else "NOT clearly above the untrained model"))
+      + ("clearly above the untrained model (at least 1.5x and +20 CIDEr)" if ok
+         else "NOT clearly above the untrained model"))
 sys.exit(0 if ok else 1)
 PY
 else

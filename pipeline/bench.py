@@ -398,7 +398,8 @@ def bench_evlgen(args) -> list[dict]:
     for row in rows:
         parts = sum(row[k] for k in ("flops_vision", "flops_connector", "flops_llm"))
         if parts != row["flops"]:
-            print(f"[bench] note: {row['method']}: the phase split adds up to {parts} FLOPs, the step to {row['flops']}")
+            print(f"[bench] note: {row['method']}: the phase split adds up to {parts} FLOPs, "
+                  f"the step to {row['flops']}")
     shown = _scaled(rows)
     for row in shown:
         for k in ("flops_vision", "flops_connector", "flops_llm"):

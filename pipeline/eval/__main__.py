@@ -90,7 +90,8 @@ def _caption(args) -> int:
     step = int(read_meta(tag_dir).get("step", 0))
     metrics, rows = evaluate_shards(model, shards, **common)
     out = dict(metrics, checkpoint=str(tag_dir), step=step, shards=shards,
-               generate=dict(getattr(model, "caption_defaults", {})) | {k: v for k, v in generate.items() if v is not None},
+               generate=dict(getattr(model, "caption_defaults", {}))
+               | {k: v for k, v in generate.items() if v is not None},
                examples=[{k: r[k] for k in ("key", "caption", "references")} for r in rows[:10]])
     if baseline is not None:
         out["untrained"] = baseline

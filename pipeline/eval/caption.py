@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data.loader import build_eval_loader
+from pipeline.data.shards import parse_shard_spec
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _batches_in_step(loader: Iterable[dict], world_size: int, device) -> Iterabl
             if int(flag.item()) == 0:
                 return
             if batch is None and last is None:
-                raise RuntimeError("caption evaluation: a rank has no evaluation shard (fewer shards than ranks)")
+                raise RuntimeError("caption evaluation: this rank read no evaluation sample from its shards")
         elif batch is None:
             return
         if batch is None:
@@ -123,17 +124,24 @@ def generate_on_shards(model, shards: str, *, image_size: int, batch_size: int =
     missing = {"prompt", "max_new_tokens", "min_length", "num_beams"} - set(kwargs)
     if missing:
         raise ValueError(f"caption generation needs {sorted(missing)} (model.caption_defaults or arguments)")
+    if world_size > 1:
+        num_shards = sum(len(s.urls) for s in parse_shard_spec(shards)[0])
+        if num_shards < world_size:  # checked on every rank alike, before any collective
+            raise ValueError(f"eval.shards={shards!r}: {num_shards} shard(s) for {world_size} ranks; every rank "
+                             "captions whole shards, so write the evaluation set with a smaller --shard-size")
     loader = build_eval_loader(shards, image_size=image_size, batch_size=batch_size, max_words=max_words,
                                rank=rank, world_size=world_size)
     out: list[dict] = []
     for batch, real in _batches_in_step(loader, world_size, device):
+        if limit is not None and len(out) >= limit and world_size == 1:
+            break  # with several ranks, every rank keeps stepping until all are done
         images = batch["image"].to(device, dtype)
         captions = model.generate_captions(images, **kwargs)
         if not real or (limit is not None and len(out) >= limit):
             continue
         for i, (key, caption, refs) in enumerate(zip(batch["key"], captions, batch["captions"])):
             keep_image = len(out) < 8
-            image = batch["image"][i] if keep_image else None
+            image = batch["image"][i].clone() if keep_image else None
             if image is not None and image.dim() == 4:
                 image = image[0]
             out.append({"key": key, "caption": caption, "references": refs, "image": image})

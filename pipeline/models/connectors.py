@@ -124,7 +124,8 @@ class TomeFormer(nn.Module):
             raise ValueError(f"model.tomeformer.pretrained={path}: unexpected weights {unexpected[:5]}")
         missing = [k for k in result.missing_keys if not k.startswith("input_proj.")]
         if missing:
-            log.warning("model.tomeformer.pretrained=%s: %d weights missing (random): %s", path, len(missing), missing[:5])
+            log.warning("model.tomeformer.pretrained=%s: %d weights missing (random): %s", path, len(missing),
+                        missing[:5])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

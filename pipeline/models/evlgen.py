@@ -70,7 +70,8 @@ class EvlgenConfig:
     BERT-base TomeFormer with r = 19, a local OPT)."""
 
     name: str = "evlgen"
-    vision: VitConfig = field(default_factory=lambda: VitConfig(model_name="eva_giant_patch14_clip_224", image_size=224))
+    vision: VitConfig = field(default_factory=lambda: VitConfig(model_name="eva_giant_patch14_clip_224",
+                                                                image_size=224))
     video: VideoConfig = field(default_factory=VideoConfig)
     connector: Literal["tomeformer", "qformer"] = "tomeformer"
     tomeformer: TomeFormerConfig = field(default_factory=TomeFormerConfig)

@@ -139,8 +139,8 @@ class _ContextCodes(torch.nn.Module):
         from data_prep.synthetic import COLOURS, POSITIONS, SHAPES
 
         super().__init__()
-        self.index = {"colour": {c: i for i, c in enumerate(sorted(COLOURS))}, "shape": {s: i for i, s in enumerate(SHAPES)},
-                      "count": {n: i for i, n in enumerate((1, 2, 3))}, "position": {p: i for i, p in enumerate(POSITIONS)}}
+        values = {"colour": sorted(COLOURS), "shape": SHAPES, "count": (1, 2, 3), "position": POSITIONS}
+        self.index = {key: {v: i for i, v in enumerate(vals)} for key, vals in values.items()}
         self.tables = torch.nn.ModuleDict({k: torch.nn.Embedding(len(v), width) for k, v in self.index.items()})
         self.slot = torch.nn.Embedding(2, width)
         self.nothing = torch.nn.Parameter(torch.zeros(width))
