@@ -23,7 +23,8 @@ STEPS = 240
 def test_tiny_evlgen_two_ranks_learns_to_caption_and_reloads_without_frozen_weights(tmp_path, tmp_path_factory):
     llm = tiny_llm(tmp_path_factory.getbasetemp() / "tiny_llms", "opt", steps=300)  # LM-pretrained, frozen
     synthetic.build(tmp_path / "train", num=1024, image_size=64, shard_size=256, min_shards=1)
-    synthetic.build(tmp_path / "eval", num=40, image_size=64, shard_size=20, split="test", captions_per_image=5,
+    # 3 evaluation shards for 2 ranks: rank 1 runs out of batches first and steps along on stand-ins
+    synthetic.build(tmp_path / "eval", num=40, image_size=64, shard_size=14, split="test", captions_per_image=5,
                     min_shards=1)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",

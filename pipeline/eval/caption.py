@@ -11,8 +11,9 @@ model class routes the trainer's ``eval.every`` and ``launch/demo.sh`` here.
 
 Scores are reported x100 (papers' convention: CIDEr 1.45 -> 145). Each rank captions its share
 of the shards; with several ranks every rank makes the same number of ``generate_captions``
-calls (a rank out of data repeats its last batch and drops the result), since ZeRO-3 gathers
-parameters collectively. Rank 0 scores; every rank returns the metrics.
+calls, since ZeRO-3 gathers parameters collectively: a rank out of data (or without a shard)
+steps along on a stand-in batch and drops the result. Rank 0 scores; every rank returns the
+metrics.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data.loader import build_eval_loader
-from pipeline.data.shards import parse_shard_spec
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +83,28 @@ def score_captions(references: dict[str, list[str]], candidates: dict[str, str])
 
 
 def _batches_in_step(loader: Iterable[dict], world_size: int, device) -> Iterable[tuple[dict, bool]]:
-    """``(batch, real)`` pairs, the same count on every rank: a rank out of data repeats its last
-    batch with ``real=False`` until every rank is done."""
+    """``(batch, real)`` pairs, the same count on every rank: a rank out of data (or with no
+    shard at all) steps on with a stand-in batch and ``real=False`` until every rank is done."""
     it = iter(loader)
-    last = None
+    last, template = None, None
     while True:
         batch = next(it, None)
-        if world_size > 1:
-            flag = torch.tensor([0 if batch is None else 1], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if int(flag.item()) == 0:
+        if world_size == 1:
+            if batch is None:
                 return
-            if batch is None and last is None:
-                raise RuntimeError("caption evaluation: this rank read no evaluation sample from its shards")
-        elif batch is None:
+            yield batch, True
+            continue
+        flag = torch.tensor([0 if batch is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()) == 0:
             return
+        if template is None:  # first step, on every rank alike: the shape a stand-in batch takes
+            shapes: list = [None] * world_size
+            dist.all_gather_object(shapes, None if batch is None else tuple(batch["image"][:1].shape))
+            template = next(s for s in shapes if s is not None)
         if batch is None:
+            if last is None:
+                last = {"image": torch.zeros(template), "key": [], "captions": []}
             yield last, False
         else:
             last = batch
@@ -124,11 +130,6 @@ def generate_on_shards(model, shards: str, *, image_size: int, batch_size: int =
     missing = {"prompt", "max_new_tokens", "min_length", "num_beams"} - set(kwargs)
     if missing:
         raise ValueError(f"caption generation needs {sorted(missing)} (model.caption_defaults or arguments)")
-    if world_size > 1:
-        num_shards = sum(len(s.urls) for s in parse_shard_spec(shards)[0])
-        if num_shards < world_size:  # checked on every rank alike, before any collective
-            raise ValueError(f"eval.shards={shards!r}: {num_shards} shard(s) for {world_size} ranks; every rank "
-                             "captions whole shards, so write the evaluation set with a smaller --shard-size")
     loader = build_eval_loader(shards, image_size=image_size, batch_size=batch_size, max_words=max_words,
                                rank=rank, world_size=world_size)
     out: list[dict] = []
