@@ -83,6 +83,10 @@ class TrainConfig:
     resume: str = "latest"  # latest | none | path to a run dir, checkpoints dir or checkpoint tag
     seed: int = 42  # model init and training randomness (each rank adds its rank)
     stop_at_step: int = 0  # stop with a checkpoint after this step, schedule unchanged; 0 = run to the end
+    # Warm start: copy every weight whose name and shape match from this run / checkpoint before
+    # training (e.g. a CLIP run's encoders into ALBEF); the rest keep their initialisation.
+    # Ignored when the run resumes from its own checkpoint.
+    init_from: str = ""
     # Leave parameters with requires_grad=False out of checkpoints (a frozen LLM that the model
     # reloads from its own weights). Not for EMA teachers (ALBEF's momentum encoders): they change.
     exclude_frozen_parameters: bool = False

@@ -63,7 +63,6 @@ class ALBEF(nn.Module):
 
         # Momentum (teacher) encoders: same weights, no gradient, and an unpruned ViT.
         self.visual_encoder_m = VisionEncoder(replace(cfg.vision, reduction=ReductionConfig(), checkpoint=None))
-        self.visual_encoder_m.load_state_dict(self.visual_encoder.state_dict())
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
         self.text_encoder_m = copy.deepcopy(self.text_encoder)
         self.text_proj_m = copy.deepcopy(self.text_proj)
@@ -73,8 +72,7 @@ class ALBEF(nn.Module):
             (self.text_encoder, self.text_encoder_m),
             (self.text_proj, self.text_proj_m),
         ]
-        for _, momentum_model in self.model_pairs:
-            momentum_model.requires_grad_(False)
+        self.copy_params()
 
         q = cfg.queue_size
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
@@ -90,6 +88,13 @@ class ALBEF(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Reset the momentum encoders to the online weights (at init and after a warm start)."""
+        for model, model_m in self.model_pairs:
+            model_m.load_state_dict(model.state_dict())
+            model_m.requires_grad_(False)
 
     @torch.no_grad()
     def _momentum_update(self) -> None:

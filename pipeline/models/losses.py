@@ -19,6 +19,32 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` on each of W ranks -> ``[W*B, ...]`` in rank order, where this rank's rows
+    keep their gradient and the others are constants (open_clip's ``gather_with_grad=False``).
+    Every rank computes the same loss over the global batch and back-propagates its own part."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = list(concat_all_gather(x).chunk(dist.get_world_size()))
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def clip_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """Symmetric in-batch contrastive loss over the global batch.
+
+    Args:
+        image_feat, text_feat: ``[B, E]`` normalised features of this rank's pairs.
+        temp: ``[1]`` temperature.
+    Returns:
+        scalar: mean of image->text and text->image cross-entropy, positives on the diagonal.
+    """
+    image_all, text_all = gather_with_local_grad(image_feat), gather_with_local_grad(text_feat)
+    logits = image_all @ text_all.T / temp  # [W*B, W*B]
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over rows of ``-sum(targets * log_softmax(logits))``. Both ``[B, C]``."""
     return -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1).mean()

@@ -120,6 +120,12 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * self.accum * info.world_size
 
         reject_scalar_parameters(model)
+        if t.init_from and ckpt.resolve_resume(t.resume, self.run_dir) is None:
+            tag_dir, copied, kept = ckpt.init_from(model, t.init_from)
+            if hasattr(model, "copy_params"):  # teacher copies (ALBEF's momentum encoders) follow
+                model.copy_params()
+            log.info("initialised %d tensors from %s; %d keep their initialisation (%s...)",
+                     len(copied), tag_dir, len(kept), ", ".join(kept[:4]))
         optimizer = build_optimizer(model, cfg, offload=offloads_optimizer(self.ds_config))
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
