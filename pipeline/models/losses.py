@@ -40,7 +40,7 @@ def clip_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Ten
         scalar: mean of image->text and text->image cross-entropy, positives on the diagonal.
     """
     image_all, text_all = gather_with_local_grad(image_feat), gather_with_local_grad(text_feat)
-    logits = image_all @ text_all.T / temp  # [W*B, W*B]
+    logits = image_all.float() @ text_all.float().T / temp.float()  # [W*B, W*B], fp32 in any precision
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
@@ -68,10 +68,12 @@ def itc_loss(
         i2t_targets, t2i_targets: ``[B, B+Q]`` soft targets (the one-hot diagonal, mixed with
             the momentum model's similarities when distilling).
     Returns:
-        ``(loss, sim_i2t [B, B+Q], sim_t2i [B, B+Q])``.
+        ``(loss, sim_i2t [B, B+Q], sim_t2i [B, B+Q])``, in fp32 whatever the inputs' type: the
+        queues are fp32 buffers and a softmax over tens of thousands of keys wants fp32.
     """
-    sim_i2t = image_feat @ text_feat_all / temp
-    sim_t2i = text_feat @ image_feat_all / temp
+    temp = temp.float()
+    sim_i2t = image_feat.float() @ text_feat_all.float() / temp
+    sim_t2i = text_feat.float() @ image_feat_all.float() / temp
     loss = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
     return loss, sim_i2t, sim_t2i
 

@@ -20,7 +20,7 @@ from pipeline.models import build_model
 from . import checkpoint as ckpt
 from .distributed import DistInfo, setup_distributed
 from .monitor import Monitor, kept_patch_grid, peak_memory_gb
-from .optim import build_ds_config, build_optimizer, build_scheduler, offloads_optimizer
+from .optim import build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
 
 log = logging.getLogger("pipeline.train")
 
@@ -140,6 +140,7 @@ class Trainer:
 
         self.step = 0
         self.samples_seen = 0
+        self.skipped_seen = 0  # fp16 overflow steps already reported
         self._resume()
 
     # ------------------------------------------------------------------ resume
@@ -320,6 +321,16 @@ class Trainer:
         values["perf/data_time_fraction"] = sums[len(keys)] / world
         values["data/skipped_samples"] = sums[len(keys) + 1]
         values[mem_tag] = mem_max
+        if self.cfg.train.precision == "fp16":
+            skipped = int(self.engine.skipped_steps)
+            values["train/skipped_steps"] = float(skipped)
+            scale = self.engine._get_optimizer_loss_scale()
+            if scale is not None:
+                values["train/loss_scale"] = float(scale)
+            if skipped > self.skipped_seen:
+                log.warning("fp16: %d optimizer step(s) skipped on overflow since the last log line (%d in all); "
+                            "loss scale now %s", skipped - self.skipped_seen, skipped, scale)
+                self.skipped_seen = skipped
         tokens = out.get("tokens_per_layer") if out else None
         if tokens:
             for i, n in enumerate(tokens):
@@ -363,6 +374,7 @@ class _Interval:
 
 def train(cfg: ExperimentConfig) -> str:
     """Run (or resume) a pre-training; returns 'finished', 'stopped' or 'preempted'."""
+    check_precision(cfg.train.precision)  # before any process group or model exists
     info = setup_distributed()
     run_dir = Path(cfg.train.run_dir)
     if info.is_main:
