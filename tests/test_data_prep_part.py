@@ -3,10 +3,6 @@ together they write every sample exactly once, the same samples one run writes, 
 task to finish writes the manifest. (The SLURM job array itself: tests/test_slurm.py.)"""
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -14,8 +10,6 @@ from PIL import Image
 from data_prep.__main__ import main
 from data_prep.writer import Part
 from data_prep_fixtures import http_server, jpeg, read_shards
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic(out, *extra) -> int:
@@ -86,29 +80,23 @@ def test_download_with_part_is_refused(tmp_path, capsys):
     assert not (tmp_path / "_downloads").exists()
 
 
-def test_url_source_parts_stage_separately_and_match_one_run(tmp_path):
-    """cc3m through img2dataset in two tasks: each stages only its own shards."""
-    files = {f"/img/{i}.jpg": jpeg(30 + i, 24, (40 * i, 250 - 40 * i, 90)) for i in range(5)}
-    opts = ["--shard-size", "2", "--image-size", "16", "--processes", "1", "--threads", "1", "--timeout", "5",
-            "--no-progress", "--min-shards", "1"]
+def test_url_source_part_downloads_only_its_own_rows(tmp_path):
+    """cc3m through img2dataset, task 1 of 3: it fetches its own rows only, writes its shard,
+    removes its staging and leaves the manifest to the last task."""
+    files = {f"/img/{i}.jpg": jpeg(30 + i, 24, (40 * i, 250 - 40 * i, 90)) for i in range(6)}
     with http_server(files) as srv:
         tsv = tmp_path / "Train_GCC-training.tsv"
-        tsv.write_text("".join(f"caption number {i}\t{srv.url}/img/{i}.jpg\n" for i in range(5))
-                       + f"gone\t{srv.url}/img/missing.jpg\n")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        for part in ("1/2", "0/2"):
-            r = subprocess.run([sys.executable, "-m", "data_prep", "cc3m", "--tsv", str(tsv), "--out",
-                                str(tmp_path / "out"), "--part", part, *opts],
-                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-            assert r.returncode == 0, r.stderr[-3000:]
-            if part == "1/2":  # shard 1 of 0..2 only; no manifest yet, the other task's shards untouched
-                assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["cc3m-000001.tar"]
-                assert not (tmp_path / "out" / "manifest.json").exists()
-    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    src = m["sources"]["cc3m"]
-    assert src["complete"] and src["num_shards"] == 3 and m["num_samples"] == 5 and src["failures"] == {"404": 1}
-    samples = read_shards(tmp_path / "out")
-    assert sorted(samples) == [f"cc3m-{i:09d}" for i in range(5)]
-    assert [samples[f"cc3m-{i:09d}"]["txt"] for i in range(5)] == [f"caption number {i}" for i in range(5)]
-    assert Image.open(io.BytesIO(samples["cc3m-000000004"]["jpg"])).size[1] == 16
-    assert not (tmp_path / "out" / "_img2dataset").exists()  # both tasks' staging removed
+        tsv.write_text("".join(f"caption number {i}\t{srv.url}/img/{i}.jpg\n" for i in range(6)))
+        out = tmp_path / "out"
+        # shards of 2 rows: 0-1, 2-3, 4-5; task 1/3 owns shard 1 = rows 2 and 3
+        assert main(["cc3m", "--tsv", str(tsv), "--out", str(out), "--part", "1/3", "--shard-size", "2",
+                     "--image-size", "16", "--processes", "1", "--threads", "1", "--timeout", "5",
+                     "--no-progress", "--min-shards", "1"]) == 0
+    assert sorted(path for path, _ in srv.requests) == ["/img/2.jpg", "/img/3.jpg"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["cc3m-000001.tar"]
+    samples = read_shards(out)
+    assert sorted(samples) == ["cc3m-000000002", "cc3m-000000003"]
+    assert [samples[k]["txt"] for k in sorted(samples)] == ["caption number 2", "caption number 3"]
+    assert Image.open(io.BytesIO(samples["cc3m-000000002"]["jpg"])).size[1] == 16
+    assert not (out / "manifest.json").exists()  # shards 0 and 2 are the other tasks'
+    assert not (out / "_img2dataset").exists()  # this task's staging is removed

@@ -87,7 +87,9 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, shards, tmp_path):
     run, total = tmp_path / "run", 20
     job = slurm.sbatch(*CPU_JOB, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/pretrain.sbatch",
                        "tiny_albef_elip", f"train.run_dir={run}", f"data.train_shards={shards}", *TINY,
-                       f"optim.max_steps={total}", "train.log_every=1", env=_job_env(), cwd=REPO)
+                       f"optim.max_steps={total}", "train.log_every=1",
+                       "train.resume=none",  # for the first run only: a requeued one resumes regardless
+                       env=_job_env(), cwd=REPO)
     deadline = time.time() + 180
     while "step 2/" not in _read(run / "train.log"):
         assert slurm.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING"), _read(tmp_path / f"slurm-{job}.out")
