@@ -372,6 +372,37 @@ class _Interval:
                 self.losses[k] = self.losses.get(k, 0.0) + float(v.detach().float())
 
 
+def _autobatch(cfg: ExperimentConfig, info: DistInfo, run_dir: Path) -> ExperimentConfig:
+    """``cfg`` with the micro-batch ``autobatch`` finds. Every rank probes its own device and
+    all take the smallest answer; the result goes to ``RUN_DIR/autobatch.json``, which a
+    resumed run reuses so that its batch matches its checkpoints."""
+    import os
+
+    from pipeline import autobatch as ab
+
+    path = run_dir / "autobatch.json"
+    if path.is_file():
+        result = ab.AutobatchResult.from_dict(json.loads(path.read_text())["result"])
+        log.info("autobatch: reusing %s", path)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+        result = ab.search(cfg, device=info.device, world_size=info.world_size, local_world_size=local_world)
+        agreed = torch.tensor([result.micro_batch], dtype=torch.int64)
+        if info.backend == "nccl":
+            agreed = agreed.to(info.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        result.micro_batch = int(agreed.item())
+    new_cfg, change = ab.apply_rule(cfg, result.micro_batch)
+    if info.is_main and not path.is_file():
+        tmp = path.with_name(".autobatch.json.tmp")
+        tmp.write_text(json.dumps({"result": result.to_dict(), "rule": cfg.autobatch.rule, "change": change},
+                                  indent=1))
+        tmp.replace(path)
+    dist.barrier()
+    log.info("autobatch (budget %s): %s; %s", cfg.autobatch.budget, ab.describe(result), change)
+    return new_cfg
+
+
 def train(cfg: ExperimentConfig) -> str:
     """Run (or resume) a pre-training; returns 'finished', 'stopped' or 'preempted'."""
     check_precision(cfg.train.precision)  # before any process group or model exists
@@ -381,6 +412,8 @@ def train(cfg: ExperimentConfig) -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     _setup_logging(run_dir, info.rank)
+    if cfg.autobatch.budget != "off":
+        cfg = _autobatch(cfg, info, run_dir)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
     state = Trainer(cfg, info).train()
