@@ -4,6 +4,7 @@
     python -m pipeline.bench step --backbone albef [--quick]    one full pre-training step
     python -m pipeline.bench data [--json]                      loader throughput vs the training step
     python -m pipeline.bench evlgen [--quick] [--json]          EVLGen connectors: TomeFormer, Q-Former, no merge
+    python -m pipeline.bench autobatch [--quick] [--json]       micro-batch each reduction admits in one budget
 
 FLOPs and activation bytes are deterministic and back the claims; wall time is a median over
 repeats taken round-robin across methods (so drift hits all of them alike) and is only
@@ -410,6 +411,69 @@ def bench_evlgen(args) -> list[dict]:
                                ("flops_llm", "LLM GF", "{:.1f}"), ("trainable_params", "trainable M", "{:.2f}"),
                                *COST_COLUMNS]))
     print("\n".join(check_targets(rows, EVLGEN_TARGETS)))
+
+
+# -- autobatch: the batch the freed memory buys ----------------------------------------------
+AUTOBATCH_TARGET = 1.35  # ELIP admits at least this times the unpruned batch (paper: 1.33-1.5x)
+
+
+def bench_autobatch(args) -> list[dict]:
+    """Under one budget -- the unpruned model's memory at ``--batch`` (the paper's 40) -- the
+    micro-batch each reduction admits, found by :mod:`pipeline.autobatch` (CUDA peak on GPU,
+    saved bytes on CPU). ``--quick`` fits each method's line from probes at batch 2 and 4 and
+    reads the answer off it; saved bytes are exactly linear in the batch, so on CPU it matches
+    the verified search at a fraction of the cost."""
+    from pipeline import autobatch as ab
+    from pipeline.config import ExperimentConfig
+    from pipeline.models import build_model
+    from pipeline.tokens.plan import ReductionConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    batch = args.batch or 40  # the paper's ALBEF batch per GPU
+    methods = token_methods(num_patches(backbone_config(args.backbone, ReductionConfig(), args.image_size).vision))
+    described = _describe(methods)
+    if args.methods:
+        unknown = sorted(set(args.methods.split(",")) - set(methods) - {BASELINE})
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(methods)}")
+        methods = {m: methods[m] for m in args.methods.split(",") if m != BASELINE}
+    print(f"[bench] autobatch: {args.backbone} (paper size, random init), budget = the unpruned model's memory at "
+          f"batch {batch} ({'CUDA peak' if device.type == 'cuda' else 'activation bytes saved for backward'} + "
+          f"model states, ZeRO-2 over 8 ranks, {precision}) on {device}; "
+          f"{'line from probes at 2 and 4' if args.quick else 'verified by probes'}; {described}", flush=True)
+    rows, budget = [], None
+    for method, reduction in {BASELINE: ReductionConfig(), **methods}.items():
+        model_cfg = backbone_config(args.backbone, reduction, args.image_size)
+        cfg = ExperimentConfig(model=model_cfg)
+        cfg.data.image_size, cfg.data.max_words = model_cfg.vision.image_size, 30
+        torch.manual_seed(0)
+        model = build_model(model_cfg).to(device, dtype).train()
+        states = ab.model_state_bytes(model, precision, zero_stage=2, world_size=8)
+        measure = ab.activation_meter(model, cfg, device, dtype)
+        if args.quick:
+            line = ab.find_micro_batch(measure, 2**62, states, 4, verify=False)
+            if budget is None:  # the unpruned model at the budget's batch, read off its line
+                budget = int(states + line.fixed_bytes + line.bytes_per_sample * batch)
+            result = ab.find_micro_batch(lambda b, probes=iter(line.probes): next(probes).activation_bytes, budget,
+                                         states, 4, max_batch=8 * batch, verify=False)
+        else:
+            if budget is None:
+                budget = states + measure(batch)
+            result = ab.find_micro_batch(measure, budget, states, batch, max_batch=8 * batch)
+        rows.append({"method": method, "micro_batch": result.micro_batch,
+                     "bytes_per_sample": int(result.bytes_per_sample), "fixed_bytes": int(result.fixed_bytes)})
+        print(f"[bench] {method}: micro-batch {result.micro_batch} ({len(result.probes)} probes)", flush=True)
+        del model
+    for row in rows:
+        row["batch_ratio"] = row["micro_batch"] / rows[0]["micro_batch"]
+    table = [dict(r, mib_per_sample=r["bytes_per_sample"] / 2**20) for r in rows]
+    print(format_table(table, [("method", "method", "{}"), ("micro_batch", "micro-batch", "{}"),
+                               ("batch_ratio", "x unpruned", "{:.2f}"), ("mib_per_sample", "MiB/sample", "{:.1f}")]))
+    missed = [f"{r['method']}: admits {r['batch_ratio']:.2f}x the unpruned batch, target >= {AUTOBATCH_TARGET}"
+              for r in rows if r["method"].startswith("elip") and r["batch_ratio"] < AUTOBATCH_TARGET]
+    print("[bench] targets: " + ("; ".join(missed) if missed else f"met (ELIP >= {AUTOBATCH_TARGET}x)"))
     return rows
 
 
@@ -440,10 +504,17 @@ def main(argv: list[str] | None = None) -> int:
     evl.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
     evl.add_argument("--batch", type=int, default=None)
     evl.add_argument("--repeats", type=int, default=None)
+    auto = sub.add_parser("autobatch", help="micro-batch each reduction admits in the unpruned model's memory")
+    auto.add_argument("--quick", action="store_true", help="read each answer off a line fitted at batch 2 and 4")
+    auto.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+    auto.add_argument("--batch", type=int, default=None, help="the unpruned model's batch that sets the budget (40)")
+    auto.add_argument("--backbone", default="albef", choices=sorted(STEP_TARGETS))
+    auto.add_argument("--image-size", type=int, default=None, help="default: the backbone's pre-training size")
+    auto.add_argument("--methods", default=None, help="comma-separated subset (none is always measured)")
     args = parser.parse_args(argv)
 
     rows = {"tokens": bench_tokens, "step": bench_step, "data": bench_data,
-            "evlgen": bench_evlgen}[args.bench](args)
+            "evlgen": bench_evlgen, "autobatch": bench_autobatch}[args.bench](args)
     if args.json:
         print(json.dumps({"rows": rows}))
     return 0

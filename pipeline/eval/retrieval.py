@@ -2,7 +2,8 @@
 
 Every rank encodes the whole (small) evaluation set; the expensive ITM re-ranking is split
 across ranks by rows and summed. An image counts as found at the best rank among its captions.
-The model must offer ``image_features``, ``text_features`` and ``itm_scores`` (see ALBEF).
+The model must offer ``image_features`` and ``text_features``, and ``itm_scores`` to re-rank
+(see ALBEF); a dual encoder without ``itm_scores`` (CLIP) is ranked by ITC alone.
 """
 from __future__ import annotations
 
@@ -115,11 +116,15 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 64
     image_embeds, image_feats, text_feats = torch.cat(image_embeds), torch.cat(image_feats), torch.cat(text_feats)
 
     sims = image_feats @ text_feats.T  # [N_img, N_txt]
-    i2t = _rerank(model, sims, image_embeds, text_embeds, text_masks, True, k_test, rank, world_size)
-    t2i = _rerank(model, sims.T.contiguous(), (text_embeds, text_masks), image_embeds, None, False,
-                  k_test, rank, world_size)
-    metrics = recall_at_k(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)
     itc = recall_at_k(sims.cpu().numpy(), sims.T.cpu().numpy(), img2txt, txt2img)
+    if hasattr(model, "itm_scores"):
+        i2t = _rerank(model, sims, image_embeds, text_embeds, text_masks, True, k_test, rank, world_size)
+        t2i = _rerank(model, sims.T.contiguous(), (text_embeds, text_masks), image_embeds, None, False,
+                      k_test, rank, world_size)
+        metrics = recall_at_k(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)
+        metrics["ranked_by"] = "itm"
+    else:
+        metrics = dict(itc, ranked_by="itc")
     metrics.update({f"itc_{k}": itc[k] for k in METRICS})
     metrics["chance_txt_r1"], metrics["chance_img_r1"] = chance_r1(img2txt, len(texts))
     metrics["num_images"], metrics["num_texts"] = len(img2txt), len(texts)
@@ -138,8 +143,11 @@ def format_table(metrics: dict) -> str:
     lines = [
         f"zero-shot retrieval on {metrics['num_images']} images / {metrics['num_texts']} captions",
         "              R@1     R@5    R@10",
-        "text  (ITM) {txt_r1:7.2f} {txt_r5:7.2f} {txt_r10:7.2f}".format(**metrics),
-        "image (ITM) {img_r1:7.2f} {img_r5:7.2f} {img_r10:7.2f}".format(**metrics),
+    ]
+    if metrics.get("ranked_by", "itm") == "itm":
+        lines += ["text  (ITM) {txt_r1:7.2f} {txt_r5:7.2f} {txt_r10:7.2f}".format(**metrics),
+                  "image (ITM) {img_r1:7.2f} {img_r5:7.2f} {img_r10:7.2f}".format(**metrics)]
+    lines += [
         "text  (ITC) {itc_txt_r1:7.2f} {itc_txt_r5:7.2f} {itc_txt_r10:7.2f}".format(**metrics),
         "image (ITC) {itc_img_r1:7.2f} {itc_img_r5:7.2f} {itc_img_r10:7.2f}".format(**metrics),
         "chance R@1: text {chance_txt_r1:.2f}, image {chance_img_r1:.2f}".format(**metrics),

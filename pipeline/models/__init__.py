@@ -28,7 +28,7 @@ def register_model(name: str, config_cls: type, build: Callable[[Any], nn.Module
     MODELS[name] = ModelEntry(config_cls, build)
 
 
-BUILTIN = ("albef", "evlgen")
+BUILTIN = ("albef", "clip", "evlgen")
 
 
 def _load_builtin() -> None:
