@@ -2,10 +2,18 @@
 import argparse
 import sys
 
-from . import captions, cc3m, coco, flickr30k, images, report, sbu, synthetic, vg
+from . import captions, cc3m, coco, flickr30k, images, report, sbu, synthetic, vg, video, writer
 from .errors import DataPrepError
 
-SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic)
+SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic, video)
+
+
+def _part(text: str) -> writer.Part:
+    """``--part I/N`` -> :class:`writer.Part` (argparse reports the message as a usage error)."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.strip().isdigit() and count.strip().isdigit()) or not 0 <= int(index) < int(count):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (task I of N), got {text!r}")
+    return writer.Part(int(index), int(count))
 
 
 def _common(parser) -> None:
@@ -21,6 +29,10 @@ def _common(parser) -> None:
                    help="processes writing shards (default: CPU count for local image files; "
                         "synthetic: 1 below 20000 images, where starting processes costs more than it saves)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--part", type=_part, default=writer.Part(), metavar="I/N",
+                   help="write only shards I, I+N, I+2N, ... (task I of N, counted from 0, e.g. one task of "
+                        "a SLURM job array: launch/slurm/data_prep.sbatch); the N tasks together write every "
+                        "shard once and the last to finish writes manifest.json")
     g = parser.add_argument_group("captions and images")
     g.add_argument("--max-words", type=int, default=captions.DEFAULT_MAX_WORDS,
                    help=f"cut captions to this many words (default {captions.DEFAULT_MAX_WORDS}; 0 keeps all)")
@@ -61,6 +73,10 @@ def main(argv=None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "download", False) and not getattr(args, "part", writer.Part()).whole:
+            raise DataPrepError("--download cannot be combined with --part: the tasks would fetch the same files "
+                                "at once; download the inputs first, then give them to the tasks "
+                                "(--tsv / --urls / --annotations / --images)")
         args.run(args)
     except DataPrepError as err:
         print(f"data_prep: error: {err}", file=sys.stderr)

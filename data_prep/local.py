@@ -60,4 +60,4 @@ def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> d
         args.out, prefix, source, rows, sampler, shard_size=args.shard_size, fingerprint=fingerprint,
         parse_failures=parsed.failures, parse_examples=parsed.examples, extra={"split": split, "eval": is_eval},
         workers=args.workers or os.cpu_count() or 1, overwrite=args.overwrite, min_shards=args.min_shards,
-        show_progress=not args.no_progress)
+        show_progress=not args.no_progress, part=args.part)

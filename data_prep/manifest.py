@@ -1,6 +1,7 @@
 """``manifest.json`` and open_clip's ``sizes.json``, rebuilt from the per-shard records."""
 import json
 import os
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def write(out_dir) -> dict:
     out_dir = Path(out_dir)
     data = collect(out_dir)
     for name, obj in ((MANIFEST, data), (SIZES, {s["name"]: s["num_samples"] for s in data["shards"]})):
-        tmp = out_dir / f".{name}.tmp{os.getpid()}"
+        tmp = out_dir / f".{name}.tmp{uuid.uuid4().hex[:12]}"  # unique across the nodes of a job array
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
         os.replace(tmp, out_dir / name)
     return data

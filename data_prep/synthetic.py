@@ -133,12 +133,13 @@ class SyntheticSampler:
 def build(out_dir, num: int, seed: int = 0, image_size: int = 96, shard_size: int = 1000,
           captions_per_image: int = 1, split: str = "train", prefix: str | None = None,
           workers: int = 1, max_words: int = DEFAULT_MAX_WORDS, min_shards: int = 64,
-          overwrite: bool = False, show_progress: bool = False) -> dict:
+          overwrite: bool = False, show_progress: bool = False, part: writer.Part = writer.Part()) -> dict:
     """Write ``num`` synthetic samples as shards under ``out_dir``; return the manifest.
 
     ``split="test"`` (or any name other than ``train``) draws a disjoint set of images and
     marks the set as an evaluation set; use ``captions_per_image=5`` for Karpathy-style
     retrieval evaluation. Default prefix: ``synthetic`` for train, ``synthetic_SPLIT`` else.
+    ``part``: write only that task's shards (``--part I/N``, see :class:`data_prep.writer.Part`).
     """
     if num < 1:
         raise DataPrepError(f"--num must be at least 1, got {num}")
@@ -151,7 +152,7 @@ def build(out_dir, num: int, seed: int = 0, image_size: int = 96, shard_size: in
     return writer.write_dataset(Path(out_dir), prefix, NAME, range(num), sampler, shard_size=shard_size,
                                 fingerprint=fingerprint, extra={"split": split, "eval": split != "train"},
                                 workers=workers, overwrite=overwrite, min_shards=min_shards,
-                                show_progress=show_progress)
+                                show_progress=show_progress, part=part)
 
 
 def add_arguments(parser) -> None:
@@ -172,4 +173,4 @@ def run(args) -> dict:
                  captions_per_image=cpi, split=split, prefix=args.prefix,
                  workers=args.workers or (1 if args.num < 20000 else os.cpu_count() or 1),
                  max_words=args.max_words, min_shards=args.min_shards, overwrite=args.overwrite,
-                 show_progress=not args.no_progress)
+                 show_progress=not args.no_progress, part=args.part)

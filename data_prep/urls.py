@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-from . import manifest, writer
+from . import writer
 from .annotations import EVAL_SPLITS, Parsed, require_file
 from .captions import clean_captions
 from .errors import DataPrepError
@@ -133,9 +133,12 @@ def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> d
     rows, shard_size = parsed.rows, args.shard_size
     if shard_size < 1:
         raise DataPrepError(f"--shard-size must be at least 1, got {shard_size}")
+    part = args.part
+    part.check(args.overwrite)
     is_eval = split in EVAL_SPLITS
     prefix = args.prefix or (source if split == "train" else f"{source}_{split}")
     num_shards = math.ceil(len(rows) / shard_size)
+    mine = part.shards(num_shards)
     resize_mode = args.resize_mode if args.image_size > 0 else "no"
     progress = writer.Progress(out_dir, prefix)
     fingerprint = {"inputs": [[str(Path(p).resolve()), Path(p).stat().st_size] for p in input_files],
@@ -145,12 +148,13 @@ def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> d
     plan = {"source": source, "num_rows": len(rows), "num_shards": num_shards, "shard_size": shard_size,
             "parse_failures": dict(parsed.failures), "parse_examples": parsed.examples,
             "split": split, "eval": is_eval}
-    progress.begin(fingerprint, plan, args.overwrite)
-    stage = out_dir / STAGE_DIR / prefix
+    progress.begin(fingerprint, plan, args.overwrite, shards=None if part.whole else mine)
+    # one staging folder per task of a --part split: each marks the others' shards as done there
+    stage = out_dir / STAGE_DIR / (prefix if part.whole else f"{prefix}_part{part.index}of{part.count}")
     if args.overwrite:
         shutil.rmtree(stage, ignore_errors=True)  # img2dataset's files of the old run
     writer.warn_few_shards(prefix, num_shards, args.min_shards, shard_size)
-    todo = [i for i in range(num_shards) if not progress.is_done(i)]
+    todo = [i for i in mine if not progress.is_done(i)]
     if todo:
         stage.mkdir(parents=True, exist_ok=True)
         for i in range(num_shards):
@@ -165,7 +169,7 @@ def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> d
                     _convert_shard(out_dir, stage, prefix, source, split, i, shard_size, count)
 
         if any(not _stats(stage, i).exists() for i in todo):
-            url_list = stage.parent / f"{prefix}.parquet"
+            url_list = stage.parent / f"{stage.name}.parquet"
             _write_input(rows, url_list)
             options = dict(
                 image_size=max(args.image_size, 1), resize_mode=resize_mode, resize_only_if_bigger=True,
@@ -178,17 +182,16 @@ def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> d
             with _Converter(convert_ready):
                 run_img2dataset(url_list, stage, options)
         convert_ready()
-    progress.finish()
-    if all(progress.is_done(i) for i in range(num_shards)):
+    missing = sum(not progress.is_done(i) for i in mine)
+    if not missing:
         shutil.rmtree(stage, ignore_errors=True)
-        (out_dir / STAGE_DIR / f"{prefix}.parquet").unlink(missing_ok=True)
+        (out_dir / STAGE_DIR / f"{stage.name}.parquet").unlink(missing_ok=True)
         try:
-            (out_dir / STAGE_DIR).rmdir()  # only if no other prefix is still staging there
+            (out_dir / STAGE_DIR).rmdir()  # only if no other prefix or task is still staging there
         except OSError:
             pass
-    result = manifest.write(out_dir)
-    if not result["sources"][prefix]["complete"]:
-        missing = result["sources"][prefix]["num_shards"] - result["sources"][prefix]["shards_done"]
+    result = writer.finish_part(progress, part, num_shards)
+    if missing:
         raise DataPrepError(f"{prefix}: img2dataset left {missing} shard(s) unfinished (see its messages "
                             "above); re-run the same command to retry them", exit_code=1)
     return result

@@ -17,11 +17,12 @@ import re
 import shutil
 import sys
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from tqdm import tqdm
 
@@ -50,7 +51,8 @@ def sample_key(prefix: str, row: int) -> str:
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to ``path`` through a temporary file and a rename, so readers and
     resumed runs never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # a random name, not the pid: the tasks of a job array on other nodes may share a pid
+    tmp = path.with_name(f".{path.name}.tmp{uuid.uuid4().hex[:12]}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
@@ -66,6 +68,32 @@ def encode_sample(key: str, sample: dict) -> dict:
         else:
             out[ext] = json.dumps(value, sort_keys=True).encode("utf-8")
     return out
+
+
+class Part(NamedTuple):
+    """Task ``index`` of ``count`` tasks sharing one dataset (``--part I/N``, e.g. a SLURM job
+    array): it writes shards ``index, index + count, index + 2 * count, ...`` and no other, so
+    the tasks together write every shard exactly once. ``Part()`` is the whole dataset."""
+    index: int = 0
+    count: int = 1
+
+    @property
+    def whole(self) -> bool:
+        return self.count == 1
+
+    def shards(self, num_shards: int) -> list[int]:
+        """This task's shard indices among ``num_shards``."""
+        return list(range(self.index, num_shards, self.count))
+
+    def check(self, overwrite: bool) -> None:
+        if not 0 <= self.index < self.count:
+            raise DataPrepError(f"--part {self.index}/{self.count}: the task index must be 0..{self.count - 1}")
+        if overwrite and not self.whole:
+            raise DataPrepError("--overwrite cannot be combined with --part: each task would delete the "
+                                "others' shards; rebuild with --overwrite in one run, or use a new --out")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 class Progress:
@@ -91,9 +119,13 @@ class Progress:
             p.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def begin(self, fingerprint: dict, plan: dict, overwrite: bool = False) -> None:
+    def all_done(self, num_shards: int) -> bool:
+        return all(self.is_done(i) for i in range(num_shards))
+
+    def begin(self, fingerprint: dict, plan: dict, overwrite: bool = False, shards: Sequence[int] | None = None) -> None:
         """Start or resume a run. ``fingerprint``: the options that shape the output;
-        ``plan``: num_rows, num_shards, shard_size, source, parse failures and the like."""
+        ``plan``: num_rows, num_shards, shard_size, source, parse failures and the like;
+        ``shards``: the shards this task writes (default all), whose stale partial files it deletes."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             self.clear()
@@ -106,7 +138,11 @@ class Progress:
                 raise DataPrepError(_mismatch_message(self.out_dir, self.prefix, old, fingerprint))
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.out_dir.glob(f".{self.prefix}-*.tar.partial"):
-            stale.unlink()  # left by a killed run; its shard is rewritten below
+            # left by a killed run; its shard is rewritten below. Another task's shard may be
+            # being written right now: leave it alone.
+            index = stale.name[len(self.prefix) + 2:-len(".tar.partial")]
+            if shards is None or (index.isdigit() and int(index) in shards):
+                stale.unlink(missing_ok=True)
         write_json_atomic(self.run_file, {"fingerprint": fingerprint, "complete": False, **plan})
 
     def finish(self) -> None:
@@ -184,30 +220,49 @@ def warn_few_shards(prefix: str, num_shards: int, min_shards: int, shard_size: i
               f"{max(1, math.ceil(num_shards * shard_size / min_shards))}.", file=sys.stderr)
 
 
+def finish_part(progress: Progress, part: Part, num_shards: int) -> dict:
+    """After a task wrote its shards: the run record and manifest when every shard of the
+    dataset is done, else only a note. Of tasks finishing at once, the last one to write a
+    shard record always sees them all, so exactly the final state is written (no task writes
+    a manifest from an older view). Returns the manifest (written or not)."""
+    if part.whole or progress.all_done(num_shards):
+        progress.finish()
+        return manifest.write(progress.out_dir)
+    done = sum(progress.is_done(i) for i in range(num_shards))
+    print(f"{progress.prefix}: part {part} done ({len(part.shards(num_shards))} of {num_shards} shards); "
+          f"{done}/{num_shards} written so far; the last part to finish writes manifest.json", file=sys.stderr)
+    return manifest.collect(progress.out_dir)
+
+
 def write_dataset(out_dir, prefix: str, source: str, rows: Sequence, make_sample: Callable, *,
                   shard_size: int, fingerprint: dict, parse_failures: dict | None = None,
                   parse_examples: dict | None = None, extra: dict | None = None, workers: int = 1,
-                  overwrite: bool = False, min_shards: int = 64, show_progress: bool = True) -> dict:
+                  overwrite: bool = False, min_shards: int = 64, show_progress: bool = True,
+                  part: Part = Part()) -> dict:
     """Write (or finish writing) ``rows`` as shards of ``shard_size`` under ``out_dir``.
 
     ``make_sample`` must be picklable when ``workers > 1`` (shards are then written in
-    parallel processes). Rewrites ``manifest.json`` / ``sizes.json`` and returns the manifest.
+    parallel processes). ``part``: write only this task's shards (see :class:`Part`).
+    Rewrites ``manifest.json`` / ``sizes.json`` once every shard exists and returns the manifest.
     """
     out_dir = Path(out_dir)
     if shard_size < 1:
         raise DataPrepError(f"--shard-size must be at least 1, got {shard_size}")
+    part.check(overwrite)
     num_shards = math.ceil(len(rows) / shard_size)
+    mine = part.shards(num_shards)
     progress = Progress(out_dir, prefix)
     plan = {"source": source, "num_rows": len(rows), "num_shards": num_shards, "shard_size": shard_size,
             "parse_failures": dict(parse_failures or {}), "parse_examples": dict(parse_examples or {}),
             **(extra or {})}
     progress.begin({**fingerprint, "source": source, "num_rows": len(rows), "shard_size": shard_size},
-                   plan, overwrite)
+                   plan, overwrite, shards=None if part.whole else mine)
     warn_few_shards(prefix, num_shards, min_shards, shard_size)
-    todo = [i for i in range(num_shards) if not progress.is_done(i)]
-    done_rows = len(rows) - sum(len(rows[i * shard_size:(i + 1) * shard_size]) for i in todo)
-    with tqdm(total=len(rows), initial=done_rows, desc=prefix, unit="img", disable=not show_progress,
-              dynamic_ncols=True) as bar:
+    todo = [i for i in mine if not progress.is_done(i)]
+    size = {i: len(rows[i * shard_size:(i + 1) * shard_size]) for i in mine}
+    total = sum(size.values())
+    with tqdm(total=total, initial=total - sum(size[i] for i in todo), desc=prefix, unit="img",
+              disable=not show_progress, dynamic_ncols=True) as bar:
         if workers <= 1 or len(todo) <= 1:
             for i in todo:
                 write_shard(out_dir, prefix, i, i * shard_size, rows[i * shard_size:(i + 1) * shard_size],
@@ -220,5 +275,4 @@ def write_dataset(out_dir, prefix: str, source: str, rows: Sequence, make_sample
                            for i in todo}
                 for fut in as_completed(futures):
                     bar.update(fut.result()["rows"][1] - fut.result()["rows"][0])
-    progress.finish()
-    return manifest.write(out_dir)
+    return finish_part(progress, part, num_shards)

@@ -4,6 +4,8 @@
     python -m pipeline.bench step --backbone albef [--quick]    one full pre-training step
     python -m pipeline.bench table [--quick]                    the paper's Table 1: every backbone x reduction
     python -m pipeline.bench data [--json]                      loader throughput vs the training step
+    python -m pipeline.bench evlgen [--quick] [--json]          EVLGen connectors: TomeFormer, Q-Former, no merge
+    python -m pipeline.bench autobatch [--quick] [--json]       micro-batch each reduction admits in one budget
 
 FLOPs and activation bytes are deterministic and back the claims; wall time is a median over
 repeats taken round-robin across methods (so drift hits all of them alike) and is only
@@ -440,6 +442,184 @@ def bench_data(args) -> list[dict]:
     return rows
 
 
+# -- evlgen: one EVLGen training step per connector ------------------------------------------
+OPT_2_7B = dict(model_type="opt", hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+                word_embed_proj_dim=2560, max_position_embeddings=2048, vocab_size=50272)
+EVLGEN_SIZES = {
+    # the paper's: EVA-CLIP ViT-g/14 at 224 px (257 tokens), BERT-base TomeFormer, OPT-2.7B
+    "paper": dict(vision=dict(model_name="eva_giant_patch14_clip_224", image_size=224), bert=BERT_BASE, llm=OPT_2_7B),
+    # CPU-sized, same token counts (257 -> 29 over 12 connector layers): ViT-S/16 at 256 px,
+    # a 12-layer BERT of width 384, a 6-layer OPT of width 512 with OPT's vocabulary
+    "quick": dict(vision=dict(model_name="vit_small_patch16_224", image_size=256),
+                  bert=dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+                  llm=dict(OPT_2_7B, hidden_size=512, num_hidden_layers=6, ffn_dim=2048, num_attention_heads=8,
+                           word_embed_proj_dim=512)),
+    # test-sized: 64 px with 4 px patches still gives 257 tokens
+    "tiny": dict(vision=dict(model_name="vit_base_patch16_224", image_size=64,
+                             timm_kwargs=dict(depth=2, embed_dim=32, num_heads=2, patch_size=4)),
+                 bert=dict(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64),
+                 llm=dict(model_type="opt", hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                          word_embed_proj_dim=32, max_position_embeddings=512)),
+}
+EVLGEN_CONNECTORS = ("tomeformer-mean", "tomeformer-weighted", "qformer", "none")
+EVLGEN_TARGETS = {  # ratios to the connector that merges nothing
+    "tomeformer-mean": {"flops": 0.5, "activation_bytes": 0.6},
+    "tomeformer-weighted": {"flops": 0.5, "activation_bytes": 0.6},
+}
+
+
+def evlgen_config(size: str, connector: str, dtype: str = "fp32"):
+    """An EVLGen config of ``size`` (``EVLGEN_SIZES``) with one of ``EVLGEN_CONNECTORS``; random
+    weights (FLOPs and memory need none), BLIP-2's 32 queries for the Q-Former."""
+    from pipeline.models.connectors import QFormerConfig, TomeFormerConfig
+    from pipeline.models.evlgen import EvlgenConfig, LLMConfig
+    from pipeline.models.vit import VitConfig
+
+    spec = EVLGEN_SIZES[size]
+    merge, r = {"tomeformer-mean": ("mean", 19), "tomeformer-weighted": ("weighted", 19),
+                "none": ("mean", 0)}.get(connector, ("mean", 0))
+    return EvlgenConfig(vision=VitConfig(**spec["vision"]),
+                        connector="qformer" if connector == "qformer" else "tomeformer",
+                        tomeformer=TomeFormerConfig(bert=dict(spec["bert"]), r=r, merge=merge),
+                        qformer=QFormerConfig(bert=dict(spec["bert"])),
+                        llm=LLMConfig(config=dict(spec["llm"]), dtype=dtype))
+
+
+def evlgen_flops_split(model, data: dict) -> dict[str, int]:
+    """FLOPs of one training step in three parts, counted phase by phase: the frozen ViT
+    (forward), the connector + LLM projection (forward and backward) and the frozen LLM
+    (forward and backward to its inputs). The parts add up to the whole step's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            out = fn()
+        return out, int(counter.get_total_flops())
+
+    model.zero_grad(set_to_none=True)
+    vision_tokens, vision = count(lambda: model.vision(data["image"]))
+    (prompts, _), connector = count(lambda: model.soft_prompts_from_tokens(vision_tokens))
+    leaf = prompts.detach().requires_grad_()
+
+    def llm_step():
+        inputs, mask, labels = model.lm_inputs(leaf, data["text"])
+        model.llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss.backward()
+
+    _, llm = count(llm_step)
+    _, connector_bwd = count(lambda: prompts.backward(leaf.grad))
+    return {"flops_vision": vision, "flops_connector": connector + connector_bwd, "flops_llm": llm}
+
+
+def bench_evlgen(args) -> list[dict]:
+    from pipeline.models import build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = "quick" if args.quick else args.size
+    batch = args.batch or 2
+    repeats = args.repeats or (1 if size != "paper" else 3)
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    cases, splits = [], {}
+    for connector in EVLGEN_CONNECTORS:
+        torch.manual_seed(0)
+        model = build_model(evlgen_config(size, connector, dtype)).to(device).train()
+        px = model.vision.cfg.image_size
+        images = torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(0)).to(device)
+        data = {"image": images, "text": [STEP_CAPTION] * batch}
+        splits[connector] = evlgen_flops_split(model, data)
+
+        def step(model=model, data=data):
+            model.zero_grad(set_to_none=True)
+            model(data)["loss"].backward()
+
+        extra = {"connector": connector, "prompt_tokens": model.num_prompt_tokens(),
+                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 **splits[connector]}
+        cases.append(Case(connector, step, list(model.parameters()), extra))
+    print(f"[bench] evlgen ({size}): {EVLGEN_SIZES[size]['vision']['model_name']} at "
+          f"{EVLGEN_SIZES[size]['vision']['image_size']}px, batch {batch}, one training step per connector on "
+          f"{device} (frozen ViT and LLM, LLM {dtype}); TomeFormer r=19 per layer, Q-Former 32 queries", flush=True)
+    rows = run_side_by_side(cases, repeats, warmup=0 if size != "paper" else 1)
+    for row in rows:
+        parts = sum(row[k] for k in ("flops_vision", "flops_connector", "flops_llm"))
+        if parts != row["flops"]:
+            print(f"[bench] note: {row['method']}: the phase split adds up to {parts} FLOPs, "
+                  f"the step to {row['flops']}")
+    shown = _scaled(rows)
+    for row in shown:
+        for k in ("flops_vision", "flops_connector", "flops_llm"):
+            row[k] /= 1e9
+        row["trainable_params"] /= 1e6
+    print(format_table(shown, [("connector", "connector", "{}"), ("prompt_tokens", "prompt tokens", "{}"),
+                               ("flops_vision", "vision GF", "{:.1f}"), ("flops_connector", "connector GF", "{:.1f}"),
+                               ("flops_llm", "LLM GF", "{:.1f}"), ("trainable_params", "trainable M", "{:.2f}"),
+                               *COST_COLUMNS]))
+    print("\n".join(check_targets(rows, EVLGEN_TARGETS)))
+
+
+# -- autobatch: the batch the freed memory buys ----------------------------------------------
+AUTOBATCH_TARGET = 1.35  # ELIP admits at least this times the unpruned batch (paper: 1.33-1.5x)
+
+
+def bench_autobatch(args) -> list[dict]:
+    """Under one budget -- the unpruned model's memory at ``--batch`` (the paper's 40) -- the
+    micro-batch each reduction admits, found by :mod:`pipeline.autobatch` (CUDA peak on GPU,
+    saved bytes on CPU). ``--quick`` fits each method's line from probes at batch 2 and 4 and
+    reads the answer off it; saved bytes are exactly linear in the batch, so on CPU it matches
+    the verified search at a fraction of the cost."""
+    from pipeline import autobatch as ab
+    from pipeline.config import ExperimentConfig
+    from pipeline.models import build_model
+    from pipeline.tokens.plan import ReductionConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    batch = args.batch or 40  # the paper's ALBEF batch per GPU
+    methods = token_methods(num_patches(backbone_config(args.backbone, ReductionConfig(), args.image_size).vision))
+    described = _describe(methods)
+    if args.methods:
+        unknown = sorted(set(args.methods.split(",")) - set(methods) - {BASELINE})
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(methods)}")
+        methods = {m: methods[m] for m in args.methods.split(",") if m != BASELINE}
+    print(f"[bench] autobatch: {args.backbone} (paper size, random init), budget = the unpruned model's memory at "
+          f"batch {batch} ({'CUDA peak' if device.type == 'cuda' else 'activation bytes saved for backward'} + "
+          f"model states, ZeRO-2 over 8 ranks, {precision}) on {device}; "
+          f"{'line from probes at 2 and 4' if args.quick else 'verified by probes'}; {described}", flush=True)
+    rows, budget = [], None
+    for method, reduction in {BASELINE: ReductionConfig(), **methods}.items():
+        model_cfg = backbone_config(args.backbone, reduction, args.image_size)
+        cfg = ExperimentConfig(model=model_cfg)
+        cfg.data.image_size, cfg.data.max_words = model_cfg.vision.image_size, 30
+        torch.manual_seed(0)
+        model = build_model(model_cfg).to(device, dtype).train()
+        states = ab.model_state_bytes(model, precision, zero_stage=2, world_size=8)
+        measure = ab.activation_meter(model, cfg, device, dtype)
+        if args.quick:
+            line = ab.find_micro_batch(measure, 2**62, states, 4, verify=False)
+            if budget is None:  # the unpruned model at the budget's batch, read off its line
+                budget = int(states + line.fixed_bytes + line.bytes_per_sample * batch)
+            result = ab.find_micro_batch(lambda b, probes=iter(line.probes): next(probes).activation_bytes, budget,
+                                         states, 4, max_batch=8 * batch, verify=False)
+        else:
+            if budget is None:
+                budget = states + measure(batch)
+            result = ab.find_micro_batch(measure, budget, states, batch, max_batch=8 * batch)
+        rows.append({"method": method, "micro_batch": result.micro_batch,
+                     "bytes_per_sample": int(result.bytes_per_sample), "fixed_bytes": int(result.fixed_bytes)})
+        print(f"[bench] {method}: micro-batch {result.micro_batch} ({len(result.probes)} probes)", flush=True)
+        del model
+    for row in rows:
+        row["batch_ratio"] = row["micro_batch"] / rows[0]["micro_batch"]
+    table = [dict(r, mib_per_sample=r["bytes_per_sample"] / 2**20) for r in rows]
+    print(format_table(table, [("method", "method", "{}"), ("micro_batch", "micro-batch", "{}"),
+                               ("batch_ratio", "x unpruned", "{:.2f}"), ("mib_per_sample", "MiB/sample", "{:.1f}")]))
+    missed = [f"{r['method']}: admits {r['batch_ratio']:.2f}x the unpruned batch, target >= {AUTOBATCH_TARGET}"
+              for r in rows if r["method"].startswith("elip") and r["batch_ratio"] < AUTOBATCH_TARGET]
+    print("[bench] targets: " + ("; ".join(missed) if missed else f"met (ELIP >= {AUTOBATCH_TARGET}x)"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -469,9 +649,23 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--num", type=int, default=1024, help="synthetic samples to load")
     data.add_argument("--repeats", type=int, default=5)
     data.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+    evl = sub.add_parser("evlgen", help="one EVLGen training step per connector (TomeFormer, Q-Former, no merge)")
+    evl.add_argument("--quick", action="store_true", help="CPU size (same token counts): --size quick")
+    evl.add_argument("--size", choices=sorted(EVLGEN_SIZES), default="paper")
+    evl.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+    evl.add_argument("--batch", type=int, default=None)
+    evl.add_argument("--repeats", type=int, default=None)
+    auto = sub.add_parser("autobatch", help="micro-batch each reduction admits in the unpruned model's memory")
+    auto.add_argument("--quick", action="store_true", help="read each answer off a line fitted at batch 2 and 4")
+    auto.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+    auto.add_argument("--batch", type=int, default=None, help="the unpruned model's batch that sets the budget (40)")
+    auto.add_argument("--backbone", default="albef", choices=sorted(STEP_TARGETS))
+    auto.add_argument("--image-size", type=int, default=None, help="default: the backbone's pre-training size")
+    auto.add_argument("--methods", default=None, help="comma-separated subset (none is always measured)")
     args = parser.parse_args(argv)
 
-    rows = {"tokens": bench_tokens, "step": bench_step, "table": bench_table, "data": bench_data}[args.bench](args)
+    rows = {"tokens": bench_tokens, "step": bench_step, "table": bench_table, "data": bench_data,
+            "evlgen": bench_evlgen, "autobatch": bench_autobatch}[args.bench](args)
     if args.json:
         print(json.dumps({"rows": rows}))
     return 0

@@ -83,6 +83,10 @@ class TrainConfig:
     resume: str = "latest"  # latest | none | path to a run dir, checkpoints dir or checkpoint tag
     seed: int = 42  # model init and training randomness (each rank adds its rank)
     stop_at_step: int = 0  # stop with a checkpoint after this step, schedule unchanged; 0 = run to the end
+    # Warm start: copy every weight whose name and shape match from this run / checkpoint before
+    # training (e.g. a CLIP run's encoders into ALBEF); the rest keep their initialisation.
+    # Ignored when the run resumes from its own checkpoint.
+    init_from: str = ""
     # Leave parameters with requires_grad=False out of checkpoints (a frozen LLM that the model
     # reloads from its own weights). Not for EMA teachers (ALBEF's momentum encoders): they change.
     exclude_frozen_parameters: bool = False
@@ -97,12 +101,30 @@ class EvalConfig:
 
 
 @dataclass
+class AutobatchConfig:
+    # Micro-batch search before training (python -m pipeline.autobatch does it alone):
+    # off | free (the device's free memory less ``margin``) | baseline (what the unpruned model
+    # needs at data.batch_size: ELIP+'s "same memory, bigger batch") | a number of GiB.
+    budget: str | float = "off"
+    margin: float = 0.1  # fraction of the free memory left unused (budget=free)
+    # What the found micro-batch m changes, b being data.batch_size:
+    #   scale_lr: batch m, lr / min_lr / warmup_lr times m / b (linear scaling rule)
+    #   keep_lr: batch m, learning rates unchanged
+    #   keep_global: global batch unchanged; the largest divisor of b * grad_accum that fits
+    #                becomes the micro-batch, and grad_accum makes up the rest
+    rule: Literal["scale_lr", "keep_lr", "keep_global"] = "scale_lr"
+    max_batch: int = 1024
+    probes: int = 6  # forward + backward probes at most (two fit the line, the rest verify)
+
+
+@dataclass
 class ExperimentConfig:
     model: Any  # the dataclass registered under ``model.name``
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
     # Modules imported before the model section is read (out-of-tree models register themselves).
     imports: list[str] = field(default_factory=list)
 
@@ -272,6 +294,7 @@ class _ExperimentRest:  # ExperimentConfig without its tagged-union model sectio
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
     imports: list[str] = field(default_factory=list)
 
 

@@ -3,6 +3,8 @@ the LR schedule built from it."""
 import json
 
 import pytest
+
+from pipeline.models import model_entry
 import torch
 import yaml
 
@@ -95,9 +97,9 @@ def test_resolved_config_round_trips(tmp_path, toy_yaml):
 def test_shipped_configs_type_check():
     names = shipped_configs()
     assert "tiny_albef_elip" in names and "albef_elip" in names
-    for name in names:
+    for name in names:  # every shipped config parses into its model's registered dataclass
         cfg = load_config(name)
-        assert cfg.model.name in name  # tiny_albef_elip -> albef, blip_elip -> blip ...
+        assert type(cfg.model) is model_entry(cfg.model.name).config_cls, name
     paper = load_config("albef_elip")
     assert paper.data.image_size == 256 and paper.optim.weight_decay == 0.02
     assert (paper.optim.lr, paper.optim.min_lr, paper.optim.epochs) == (1e-4, 1e-5, 20)

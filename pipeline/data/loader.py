@@ -174,6 +174,35 @@ def _image_bytes(sample: dict) -> bytes:
     raise ValueError(f"sample {sample.get('__key__')!r} has no image ({'/'.join(IMAGE_KEYS)})")
 
 
+def _frame_bytes(sample: dict) -> list[bytes]:
+    """The frames of a video sample (``KEY.0.jpg`` ... ``KEY.{T-1}.jpg``, data_prep's ``video``
+    source) in order; empty for an image sample."""
+    frames = {}
+    for k, v in sample.items():
+        index, _, ext = k.partition(".")
+        if ext in IMAGE_KEYS and index.isdigit():
+            frames[int(index)] = v
+    if frames and sorted(frames) != list(range(len(frames))):
+        raise ValueError(f"sample {sample.get('__key__')!r}: frames {sorted(frames)} are not 0..{len(frames) - 1}")
+    return [frames[i] for i in range(len(frames))]
+
+
+def _pixels(sample: dict, transform: Callable, seed: int | None = None) -> torch.Tensor:
+    """``[3, H, W]`` for an image sample, ``[T, 3, H, W]`` for a video sample. With ``seed``,
+    the transform's randomness is seeded, the same for every frame (one crop per clip)."""
+    frames = _frame_bytes(sample)
+    out = []
+    for data in frames or [_image_bytes(sample)]:
+        image = decode_image(data)
+        if seed is None:
+            out.append(transform(image))
+            continue
+        with torch.random.fork_rng(devices=[]):  # augmentation = f(seed, epoch, rank, worker, index)
+            torch.manual_seed(seed)
+            out.append(transform(image))
+    return torch.stack(out) if frames else out[0]
+
+
 # --------------------------------------------------------------------------- position
 
 
@@ -241,10 +270,7 @@ class _TrainStream(IterableDataset):
         caption = pre_caption(_text_of(sample, random.Random(s)), self.max_words)
         if not caption:
             raise ValueError(f"sample {sample.get('__key__')!r}: empty caption")
-        image = decode_image(_image_bytes(sample))
-        with torch.random.fork_rng(devices=[]):  # augmentation = f(seed, epoch, rank, worker, index)
-            torch.manual_seed(s)
-            image = self.transform(image)
+        image = _pixels(sample, self.transform, seed=s)
         return {"image": image, "text": caption, "__raw__": sample["__raw__"], "__key__": sample["__key__"]}
 
     def _raw_samples(self, worker: int, num_workers: int, errors: SkipCounter) -> Iterator[dict]:
@@ -306,7 +332,7 @@ class TrainLoader:
     """Epochs of training batches for one rank; see the module docstring.
 
     ``iter_epoch(epoch)`` yields ``{"image": FloatTensor[B, 3, H, W], "text": list[str],
-    "key": list[str]}`` and keeps :attr:`position` up to date; it continues from the position
+    "key": list[str]}`` (``image`` is ``[B, T, 3, H, W]`` for video samples of T frames) and keeps :attr:`position` up to date; it continues from the position
     when the position is inside that epoch (after ``position.load_state_dict`` on resume).
     """
 
@@ -388,7 +414,7 @@ class _EvalStream(IterableDataset):
         captions = [c for c in (pre_caption(c, self.max_words) for c in _captions_of(sample)) if c]
         if not captions:
             raise ValueError(f"eval sample {sample.get('__key__')!r} has no caption")
-        image = self.transform(decode_image(_image_bytes(sample)))
+        image = _pixels(sample, self.transform)
         return {"image": image, "captions": captions, "key": sample["__key__"]}
 
     def __iter__(self):
@@ -412,6 +438,7 @@ class _EvalStream(IterableDataset):
 def build_eval_loader(shards: str, *, image_size: int, batch_size: int, workers: int = 0, max_words: int = 30,
                       rank: int = 0, world_size: int = 1):
     """Evaluation batches ``{"image": [B, 3, H, W], "captions": list[list[str]], "key": list[str]}``
+    (``image`` ``[B, T, 3, H, W]`` for video samples)
     in shard order, no augmentation; with ``world_size > 1`` each rank reads shards rank::world."""
     sources, _ = parse_shard_spec(shards)
     urls = [u for s in sources for u in s.urls]

@@ -1,10 +1,13 @@
 """Evaluate a trained run.
 
     python -m pipeline.eval retrieval --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--k-test K]
+    python -m pipeline.eval caption --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--num-beams N] ...
 
 Reads ``RUN_DIR/config.yaml``, loads the newest complete checkpoint (or ``--checkpoint``),
 evaluates on ``--shards`` (default: the config's ``eval.shards``), prints the table, writes
-``eval.json`` into the run directory and the scores to its TensorBoard.
+``eval.json`` into the run directory and the scores to its TensorBoard (captioning also adds a
+few images with their generated and reference captions, and writes every caption to
+``captions.json``).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.models import build_model
+from pipeline.models import build_model, model_entry
 
 
 def _retrieval(args) -> int:
@@ -55,6 +58,67 @@ def _retrieval(args) -> int:
     return 0
 
 
+def _caption(args) -> int:
+    from pipeline.eval.caption import evaluate_shards, format_table
+    from pipeline.train.checkpoint import load_weights, read_meta
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise SystemExit(f"error: --run {run}: no config.yaml (is this a run directory?)")
+    cfg = load_config(run / "config.yaml")
+    shards = args.shards or cfg.eval.shards
+    if not shards:
+        raise SystemExit("error: no evaluation shards: pass --shards or set eval.shards in the run's config")
+    if not hasattr(model_entry(cfg.model.name).build, "generate_captions"):
+        raise SystemExit(f"error: model {cfg.model.name!r} has no generate_captions(); caption evaluation "
+                         "needs a captioning model (evlgen, blip)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generate = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_length=args.min_length,
+                    num_beams=args.num_beams)
+    common = dict(image_size=cfg.data.image_size, batch_size=args.batch_size, max_words=cfg.data.max_words,
+                  device=device, limit=args.limit, **generate)
+
+    baseline = None
+    if args.compare_untrained:  # the same model as training starts it: seeded like the trainer
+        torch.manual_seed(cfg.train.seed)
+        untrained = build_model(cfg.model).to(device).eval()
+        baseline, _ = evaluate_shards(untrained, shards, **common)
+        del untrained
+    model = build_model(cfg.model)
+    tag_dir = load_weights(model, args.checkpoint or run)
+    model.to(device).eval()
+    step = int(read_meta(tag_dir).get("step", 0))
+    metrics, rows = evaluate_shards(model, shards, **common)
+    out = dict(metrics, checkpoint=str(tag_dir), step=step, shards=shards,
+               generate=dict(getattr(model, "caption_defaults", {}))
+               | {k: v for k, v in generate.items() if v is not None},
+               examples=[{k: r[k] for k in ("key", "caption", "references")} for r in rows[:10]])
+    if baseline is not None:
+        out["untrained"] = baseline
+    path = Path(args.out) if args.out else run / "eval.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    (path.parent / "captions.json").write_text(json.dumps(
+        [{"image_id": r["key"], "caption": r["caption"]} for r in rows], indent=1) + "\n")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pipeline.data.transforms import denormalize
+
+    with SummaryWriter(str(run / "tensorboard")) as writer:
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                writer.add_scalar(f"eval/{key}", value, step)
+        for i, r in enumerate(row for row in rows if row.get("image") is not None):
+            writer.add_image(f"eval/caption_{i}", denormalize(r["image"][None].float())[0], step)
+            writer.add_text(f"eval/caption_{i}", f"**generated:** {r['caption']}\n\n**references:** "
+                            + " | ".join(r["references"]), step)
+    print(format_table(metrics, baseline))
+    for r in rows[:3]:
+        print(f"  {r['key']}: {r['caption']!r}  (reference: {r['references'][0]!r})")
+    print(f"checkpoint {tag_dir.name}, step {step}; written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,10 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     ret.add_argument("--batch-size", type=int, default=64)
     ret.add_argument("--device", default=None)
     ret.add_argument("--out", default=None, help="metrics JSON (default: RUN/eval.json)")
+    cap = sub.add_parser("caption", help="captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)")
+    cap.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
+    cap.add_argument("--checkpoint", help="checkpoint tag directory or checkpoints dir (default: newest in --run)")
+    cap.add_argument("--shards", help="evaluation shards with reference captions in KEY.json (default: config)")
+    cap.add_argument("--prompt", default=None, help="text prompt after the soft prompts (default: the model's)")
+    cap.add_argument("--max-new-tokens", type=int, default=None)
+    cap.add_argument("--min-length", type=int, default=None, help="minimum generated tokens")
+    cap.add_argument("--num-beams", type=int, default=None)
+    cap.add_argument("--batch-size", type=int, default=32)
+    cap.add_argument("--limit", type=int, default=None, help="caption at most this many samples")
+    cap.add_argument("--compare-untrained", action="store_true",
+                     help="also score the model as training starts it (connector untrained), stored as 'untrained'")
+    cap.add_argument("--device", default=None)
+    cap.add_argument("--out", default=None, help="metrics JSON (default: RUN/eval.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"retrieval": _retrieval}[args.task](args)
+        return {"retrieval": _retrieval, "caption": _caption}[args.task](args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

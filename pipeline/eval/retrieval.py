@@ -4,7 +4,8 @@ Every rank encodes the whole (small) evaluation set; the expensive ITM re-rankin
 across ranks by rows and summed. An image counts as found at the best rank among its captions.
 The model must offer ``image_features``, ``text_features`` and ``itm_scores`` (see ALBEF). A
 model without ITC (METER) returns ``None`` features: ITM then scores every (image, caption)
-pair, as METER's own evaluation does, and ``k_test`` is unused.
+pair, as METER's own evaluation does, and ``k_test`` is unused. A dual encoder without
+``itm_scores`` (CLIP) is ranked by ITC alone.
 """
 from __future__ import annotations
 
@@ -120,18 +121,22 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 64
     has_itc = bool(image_feats) and bool(text_feats)
     if has_itc:
         sims = torch.cat(image_feats) @ torch.cat(text_feats).T  # [N_img, N_txt]
-    else:  # no ITC: every pair goes to ITM
-        sims = torch.zeros(len(image_embeds), len(text_embeds), device=image_embeds.device)
-        k_test = max(sims.shape)
-    i2t = _rerank(model, sims, image_embeds, text_embeds, text_masks, True, k_test, rank, world_size)
-    if has_itc:
-        t2i = _rerank(model, sims.T.contiguous(), (text_embeds, text_masks), image_embeds, None, False,
-                      k_test, rank, world_size)
-    else:  # every pair is already scored, and a pair's ITM score does not depend on the direction
-        t2i = i2t.T.contiguous()
-    metrics = recall_at_k(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)
-    if has_itc:
         itc = recall_at_k(sims.cpu().numpy(), sims.T.cpu().numpy(), img2txt, txt2img)
+    if not hasattr(model, "itm_scores"):  # a dual encoder: ITC is the ranking
+        metrics = dict(itc, ranked_by="itc")
+    else:
+        if not has_itc:  # no ITC: every pair goes to ITM
+            sims = torch.zeros(len(image_embeds), len(text_embeds), device=image_embeds.device)
+            k_test = max(sims.shape)
+        i2t = _rerank(model, sims, image_embeds, text_embeds, text_masks, True, k_test, rank, world_size)
+        if has_itc:
+            t2i = _rerank(model, sims.T.contiguous(), (text_embeds, text_masks), image_embeds, None, False,
+                          k_test, rank, world_size)
+        else:  # every pair is already scored, and a pair's ITM score does not depend on the direction
+            t2i = i2t.T.contiguous()
+        metrics = recall_at_k(i2t.cpu().numpy(), t2i.cpu().numpy(), img2txt, txt2img)
+        metrics["ranked_by"] = "itm"
+    if has_itc:
         metrics.update({f"itc_{k}": itc[k] for k in METRICS})
     metrics["chance_txt_r1"], metrics["chance_img_r1"] = chance_r1(img2txt, len(texts))
     metrics["num_images"], metrics["num_texts"] = len(img2txt), len(texts)
@@ -150,9 +155,10 @@ def format_table(metrics: dict) -> str:
     lines = [
         f"zero-shot retrieval on {metrics['num_images']} images / {metrics['num_texts']} captions",
         "              R@1     R@5    R@10",
-        "text  (ITM) {txt_r1:7.2f} {txt_r5:7.2f} {txt_r10:7.2f}".format(**metrics),
-        "image (ITM) {img_r1:7.2f} {img_r5:7.2f} {img_r10:7.2f}".format(**metrics),
     ]
+    if metrics.get("ranked_by", "itm") == "itm":
+        lines += ["text  (ITM) {txt_r1:7.2f} {txt_r5:7.2f} {txt_r10:7.2f}".format(**metrics),
+                  "image (ITM) {img_r1:7.2f} {img_r5:7.2f} {img_r10:7.2f}".format(**metrics)]
     if "itc_txt_r1" in metrics:
         lines += ["text  (ITC) {itc_txt_r1:7.2f} {itc_txt_r5:7.2f} {itc_txt_r10:7.2f}".format(**metrics),
                   "image (ITC) {itc_img_r1:7.2f} {itc_img_r5:7.2f} {itc_img_r10:7.2f}".format(**metrics)]

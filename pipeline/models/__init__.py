@@ -28,7 +28,7 @@ def register_model(name: str, config_cls: type, build: Callable[[Any], nn.Module
     MODELS[name] = ModelEntry(config_cls, build)
 
 
-BUILTIN = ("albef", "blip", "meter")
+BUILTIN = ("albef", "blip", "meter", "clip", "evlgen")
 
 
 def _load_builtin() -> None:
@@ -46,6 +46,12 @@ def model_entry(name: str) -> ModelEntry:
     if name not in MODELS:
         raise KeyError(f"model.name: unknown model {name!r}; known: {sorted(MODELS)}")
     return MODELS[name]
+
+
+def eval_task(name: str) -> str:
+    """The evaluation a model calls for: its class attribute ``eval_task`` (``"caption"`` for
+    captioning models), ``"retrieval"`` by default (ALBEF)."""
+    return getattr(model_entry(name).build, "eval_task", "retrieval")
 
 
 def build_model(cfg: Any) -> nn.Module:

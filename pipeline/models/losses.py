@@ -19,6 +19,32 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` on each of W ranks -> ``[W*B, ...]`` in rank order, where this rank's rows
+    keep their gradient and the others are constants (open_clip's ``gather_with_grad=False``).
+    Every rank computes the same loss over the global batch and back-propagates its own part."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = list(concat_all_gather(x).chunk(dist.get_world_size()))
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def clip_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """Symmetric in-batch contrastive loss over the global batch.
+
+    Args:
+        image_feat, text_feat: ``[B, E]`` normalised features of this rank's pairs.
+        temp: ``[1]`` temperature.
+    Returns:
+        scalar: mean of image->text and text->image cross-entropy, positives on the diagonal.
+    """
+    image_all, text_all = gather_with_local_grad(image_feat), gather_with_local_grad(text_feat)
+    logits = image_all.float() @ text_all.float().T / temp.float()  # [W*B, W*B], fp32 in any precision
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over rows of ``-sum(targets * log_softmax(logits))``. Both ``[B, C]``."""
     return -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1).mean()
@@ -42,10 +68,12 @@ def itc_loss(
         i2t_targets, t2i_targets: ``[B, B+Q]`` soft targets (the one-hot diagonal, mixed with
             the momentum model's similarities when distilling).
     Returns:
-        ``(loss, sim_i2t [B, B+Q], sim_t2i [B, B+Q])``.
+        ``(loss, sim_i2t [B, B+Q], sim_t2i [B, B+Q])``, in fp32 whatever the inputs' type: the
+        queues are fp32 buffers and a softmax over tens of thousands of keys wants fp32.
     """
-    sim_i2t = image_feat @ text_feat_all / temp
-    sim_t2i = text_feat @ image_feat_all / temp
+    temp = temp.float()
+    sim_i2t = image_feat.float() @ text_feat_all.float() / temp
+    sim_t2i = text_feat.float() @ image_feat_all.float() / temp
     loss = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
     return loss, sim_i2t, sim_t2i
 

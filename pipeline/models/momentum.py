@@ -30,7 +30,6 @@ class MomentumContrast(nn.Module):
         # shape [1], not ALBEF's 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
         self.temp = nn.Parameter(torch.tensor([cfg.temp]))
         self.visual_encoder_m = VisionEncoder(replace(cfg.vision, reduction=ReductionConfig(), checkpoint=None))
-        self.visual_encoder_m.load_state_dict(self.visual_encoder.state_dict())
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
         self.text_encoder_m = copy.deepcopy(self.text_encoder)
         self.text_proj_m = copy.deepcopy(self.text_proj)
@@ -40,8 +39,8 @@ class MomentumContrast(nn.Module):
             (self.text_encoder, self.text_encoder_m),
             (self.text_proj, self.text_proj_m),
         ]
-        for _, momentum_model in self.model_pairs:
-            momentum_model.requires_grad_(False)
+        self._ema_shadow: list[torch.Tensor] | None = None  # fp32 EMA state in half precision
+        self.copy_params()
         q = cfg.queue_size
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
@@ -63,14 +62,38 @@ class MomentumContrast(nn.Module):
         return self.cfg.alpha * min(1.0, float(batch.get("epoch_progress", 1.0)))
 
     @torch.no_grad()
-    def _momentum_update(self) -> None:
-        m = self.cfg.momentum
+    def copy_params(self) -> None:
+        """Reset the momentum encoders to the online weights (at init and after a warm start)."""
         for model, model_m in self.model_pairs:
-            for p, p_m in zip(model.parameters(), model_m.parameters()):
-                # Under ZeRO-3 a parameter's data is only its local partition (``ds_tensor``);
-                # both copies are partitioned alike, so the update runs shard by shard.
-                src, dst = (p.ds_tensor, p_m.ds_tensor) if hasattr(p, "ds_tensor") else (p.data, p_m.data)
+            model_m.load_state_dict(model.state_dict())
+            model_m.requires_grad_(False)
+        self._ema_shadow = None
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        """EMA of the online weights into the momentum encoders.
+
+        In bf16/fp16 an update of ``(1 - m) * (p - p_m)`` is far below the half type's
+        resolution (bf16: 2^-8 relative) and would round away, freezing the teacher; so the EMA
+        runs on fp32 shadows of the momentum weights (local partitions only under ZeRO-3) and
+        only the result is cast down. The shadows start from the weights at the first update
+        (also after a resume): one rounding, not one per step.
+        """
+        m = self.cfg.momentum
+        pairs = [(p, p_m) for model, model_m in self.model_pairs
+                 for p, p_m in zip(model.parameters(), model_m.parameters())]
+        # Under ZeRO-3 a parameter's data is only its local partition (``ds_tensor``); both
+        # copies are partitioned alike, so the update runs shard by shard.
+        local = [(p.ds_tensor, p_m.ds_tensor) if hasattr(p, "ds_tensor") else (p.data, p_m.data) for p, p_m in pairs]
+        if local[0][1].dtype == torch.float32:
+            for src, dst in local:
                 dst.mul_(m).add_(src.to(dst.dtype), alpha=1.0 - m)
+            return
+        if self._ema_shadow is None:
+            self._ema_shadow = [dst.float() for _, dst in local]
+        for (src, dst), shadow in zip(local, self._ema_shadow):
+            shadow.mul_(m).add_(src.float(), alpha=1.0 - m)
+            dst.copy_(shadow)
 
     @torch.no_grad()
     def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
@@ -100,14 +123,16 @@ class MomentumContrast(nn.Module):
             ``(loss, sim_i2t [B, B+Q], sim_t2i [B, B+Q])``.
         """
         with torch.no_grad():
+            # contrastive arithmetic in fp32, like the queues it is compared with
+            image_feat_m, text_feat_m, temp = image_feat_m.float(), text_feat_m.float(), self.temp.float()
             image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
             text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
             targets = torch.zeros(len(image_feat), image_feat_all.shape[1], device=image_feat.device)
             targets.fill_diagonal_(1)
             i2t_targets = t2i_targets = targets
             if alpha > 0:
-                i2t_targets = alpha * F.softmax(image_feat_m @ text_feat_all / self.temp, dim=1) + (1 - alpha) * targets
-                t2i_targets = alpha * F.softmax(text_feat_m @ image_feat_all / self.temp, dim=1) + (1 - alpha) * targets
+                i2t_targets = alpha * F.softmax(image_feat_m @ text_feat_all / temp, dim=1) + (1 - alpha) * targets
+                t2i_targets = alpha * F.softmax(text_feat_m @ image_feat_all / temp, dim=1) + (1 - alpha) * targets
         result = itc_loss(image_feat, text_feat, image_feat_all, text_feat_all, self.temp, i2t_targets, t2i_targets)
         self._enqueue(image_feat_m, text_feat_m)
         return result

@@ -213,7 +213,8 @@ class BertTextFusion(nn.Module):
         config: the ``BertConfig``; hidden size ``D = config.hidden_size``.
     """
 
-    def __init__(self, cfg: TextConfig, vocab_size: int, cross_attention_from: int | None = None):
+    def __init__(self, cfg: TextConfig, vocab_size: int, cross_attention_from: int | None = None,
+                 text_only: bool = False):
         super().__init__()
         self.config = _bert_config(cfg, vocab_size)
         self.text_layers = cfg.text_layers
@@ -222,15 +223,16 @@ class BertTextFusion(nn.Module):
         self.prune, self.prune_at = cfg.prune, check_prune(cfg.prune, cfg.text_layers)
         fusion_config = copy.deepcopy(self.config)
         fusion_config.is_decoder, fusion_config.add_cross_attention = True, True
-        layers = [
-            BertLayer(self.config if i < cross_from else fusion_config, layer_idx=i)
-            for i in range(self.config.num_hidden_layers)
-        ]
+        # text_only: a dual encoder (CLIP) has no fusion layers and no MLM head; its weights keep
+        # the same names, so they load into the first layers of a fusion model.
+        depth = cfg.text_layers if text_only else self.config.num_hidden_layers
+        layers = [BertLayer(self.config if i < cross_from else fusion_config, layer_idx=i) for i in range(depth)]
         self.embeddings = BertEmbeddings(self.config)
         self.encoder = _Encoder(layers)
-        self.cls = BertOnlyMLMHead(self.config)
+        self.cls = None if text_only else BertOnlyMLMHead(self.config)
         self.apply(self._init)
-        self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
+        if self.cls is not None:
+            self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
         if cfg.pretrained is not None:
             self._load_pretrained(cfg.pretrained)
 
@@ -247,15 +249,18 @@ class BertTextFusion(nn.Module):
             nn.init.zeros_(module.bias)
 
     def _load_pretrained(self, path: str) -> None:
-        """Copy a local BERT's weights in; cross-attention (and a missing MLM head) stay random."""
+        """Copy a local BERT's weights in; cross-attention (and a missing MLM head) stay random.
+        A text-only encoder takes the first ``text_layers`` layers and leaves the rest."""
         source = BertForMaskedLM.from_pretrained(path)
-        state = {k.removeprefix("bert."): v for k, v in source.state_dict().items()}
         own = self.state_dict()
+        state = {k.removeprefix("bert."): v for k, v in source.state_dict().items()}
         for key, value in state.items():
             # added tokens (BLIP's [DEC], [ENC]): the checkpoint fills the first rows, the rest stay random
             if key in own and value.dim() >= 1 and value.shape[1:] == own[key].shape[1:] \
                     and value.shape[0] < own[key].shape[0]:
                 state[key] = torch.cat([value, own[key][value.shape[0]:]])
+        if self.cls is None:
+            state = {k: v for k, v in state.items() if k in own}
         result = self.load_state_dict(state, strict=False)
         unexpected = [k for k in result.unexpected_keys if not k.startswith("pooler.")]
         if unexpected:
@@ -263,7 +268,8 @@ class BertTextFusion(nn.Module):
         missing = [k for k in result.missing_keys if ".crossattention." not in k]
         if missing:
             log.warning("text.pretrained=%s: %d weights not in the checkpoint (random): %s", path, len(missing), missing[:5])
-        self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight
+        if self.cls is not None:
+            self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight
 
     grad_checkpointing = False
 

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as err:  # found once the hardware is known (e.g. train.precision)
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

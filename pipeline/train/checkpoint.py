@@ -200,9 +200,26 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
     tag_dir = find_checkpoint(path)
     state = consolidated_state_dict(tag_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # remove_duplicate=False: a frozen LLM's tied lm_head.weight is a name of its own in the state dict
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {tag_dir} does not fit the model: missing {missing[:8]}, "
                            f"unexpected {list(unexpected)[:8]}")
     return tag_dir
+
+
+def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str], list[str]]:
+    """Initialise ``model`` from another run's newest complete checkpoint (or a tag dir): every
+    parameter or buffer whose name and shape match is copied, the rest keep their initialisation
+    (a warm start: CLIP encoders into ALBEF). Returns ``(tag_dir, copied, kept)``; copying nothing
+    is an error, since it means the two models share no names."""
+    tag_dir = find_checkpoint(path)
+    source = consolidated_state_dict(tag_dir)
+    own = model.state_dict()
+    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not copied:
+        raise ValueError(f"train.init_from={path}: no parameter of {tag_dir} matches the model by name and shape")
+    model.load_state_dict(copied, strict=False)
+    kept = [k for k in own if k not in copied]
+    return tag_dir, sorted(copied), kept

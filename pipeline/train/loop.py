@@ -20,7 +20,7 @@ from pipeline.models import build_model
 from . import checkpoint as ckpt
 from .distributed import DistInfo, setup_distributed
 from .monitor import Monitor, kept_patch_grid, peak_memory_gb
-from .optim import build_ds_config, build_optimizer, build_scheduler, offloads_optimizer
+from .optim import build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
 
 log = logging.getLogger("pipeline.train")
 
@@ -77,7 +77,12 @@ def _eval_hook(cfg: ExperimentConfig):
         return None
     if not cfg.eval.shards:
         raise ValueError("eval.shards: eval.every > 0 needs an evaluation shard set")
-    from pipeline.eval.retrieval import evaluate
+    from pipeline.models import eval_task
+
+    if eval_task(cfg.model.name) == "caption":
+        from pipeline.eval.caption import evaluate
+    else:
+        from pipeline.eval.retrieval import evaluate
 
     return evaluate
 
@@ -120,6 +125,12 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * self.accum * info.world_size
 
         reject_scalar_parameters(model)
+        if t.init_from and ckpt.resolve_resume(t.resume, self.run_dir) is None:
+            tag_dir, copied, kept = ckpt.init_from(model, t.init_from)
+            if hasattr(model, "copy_params"):  # teacher copies (ALBEF's momentum encoders) follow
+                model.copy_params()
+            log.info("initialised %d tensors from %s; %d keep their initialisation (%s...)",
+                     len(copied), tag_dir, len(kept), ", ".join(kept[:4]))
         optimizer = build_optimizer(model, cfg, offload=offloads_optimizer(self.ds_config))
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -134,6 +145,7 @@ class Trainer:
 
         self.step = 0
         self.samples_seen = 0
+        self.skipped_seen = 0  # fp16 overflow steps already reported
         self._resume()
 
     # ------------------------------------------------------------------ resume
@@ -314,6 +326,16 @@ class Trainer:
         values["perf/data_time_fraction"] = sums[len(keys)] / world
         values["data/skipped_samples"] = sums[len(keys) + 1]
         values[mem_tag] = mem_max
+        if self.cfg.train.precision == "fp16":
+            skipped = int(self.engine.skipped_steps)
+            values["train/skipped_steps"] = float(skipped)
+            scale = self.engine._get_optimizer_loss_scale()
+            if scale is not None:
+                values["train/loss_scale"] = float(scale)
+            if skipped > self.skipped_seen:
+                log.warning("fp16: %d optimizer step(s) skipped on overflow since the last log line (%d in all); "
+                            "loss scale now %s", skipped - self.skipped_seen, skipped, scale)
+                self.skipped_seen = skipped
         tokens = out.get("tokens_per_layer") if out else None
         if tokens:
             for i, n in enumerate(tokens):
@@ -355,14 +377,48 @@ class _Interval:
                 self.losses[k] = self.losses.get(k, 0.0) + float(v.detach().float())
 
 
+def _autobatch(cfg: ExperimentConfig, info: DistInfo, run_dir: Path) -> ExperimentConfig:
+    """``cfg`` with the micro-batch ``autobatch`` finds. Every rank probes its own device and
+    all take the smallest answer; the result goes to ``RUN_DIR/autobatch.json``, which a
+    resumed run reuses so that its batch matches its checkpoints."""
+    import os
+
+    from pipeline import autobatch as ab
+
+    path = run_dir / "autobatch.json"
+    if path.is_file():
+        result = ab.AutobatchResult.from_dict(json.loads(path.read_text())["result"])
+        log.info("autobatch: reusing %s", path)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+        result = ab.search(cfg, device=info.device, world_size=info.world_size, local_world_size=local_world)
+        agreed = torch.tensor([result.micro_batch], dtype=torch.int64)
+        if info.backend == "nccl":
+            agreed = agreed.to(info.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        result.micro_batch = int(agreed.item())
+    new_cfg, change = ab.apply_rule(cfg, result.micro_batch)
+    if info.is_main and not path.is_file():
+        tmp = path.with_name(".autobatch.json.tmp")
+        tmp.write_text(json.dumps({"result": result.to_dict(), "rule": cfg.autobatch.rule, "change": change},
+                                  indent=1))
+        tmp.replace(path)
+    dist.barrier()
+    log.info("autobatch (budget %s): %s; %s", cfg.autobatch.budget, ab.describe(result), change)
+    return new_cfg
+
+
 def train(cfg: ExperimentConfig) -> str:
     """Run (or resume) a pre-training; returns 'finished', 'stopped' or 'preempted'."""
+    check_precision(cfg.train.precision)  # before any process group or model exists
     info = setup_distributed()
     run_dir = Path(cfg.train.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     _setup_logging(run_dir, info.rank)
+    if cfg.autobatch.budget != "off":
+        cfg = _autobatch(cfg, info, run_dir)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
     state = Trainer(cfg, info).train()

@@ -141,6 +141,22 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict:
     return ds
 
 
+def check_precision(precision: str, accelerator=None) -> None:
+    """Refuse a precision the accelerator cannot run, before any model is built: fp16 on a CPU
+    without fp16 kernels, bf16 on a GPU older than Ampere. ``accelerator``: DeepSpeed's."""
+    if precision == "fp32":
+        return
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    supported = accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported()
+    if not supported:
+        other = "bf16 or fp32" if precision == "fp16" else "fp16 or fp32"
+        raise ConfigError(f"train.precision={precision}: the {accelerator.device_name()} accelerator here has no "
+                          f"{precision} support; use {other}")
+
+
 def offloads_optimizer(ds: dict) -> bool:
     off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
     return off.get("device", "none") not in ("none", None)
