@@ -53,7 +53,10 @@ train() {  # train CONFIG RUN_DIR [key=value ...]
 START=$(date +%s)
 
 # -- warm start: fusion backbones with ITC start from pre-trained unimodal encoders -------------
-MODEL=$("$PY" -c 'import sys; from pipeline.config import load_config; print(load_config(sys.argv[1]).model.name)' "$CONFIG")
+# the model's name and, for BERT-based backbones, its number of text-only layers: the warm start
+# trains as many, so that every one of them starts pre-trained
+read -r MODEL TEXT_LAYERS < <("$PY" -c 'import sys; from pipeline.config import load_config
+m = load_config(sys.argv[1]).model; print(m.name, getattr(getattr(m, "text", None), "text_layers", "-"))' "$CONFIG")
 WARM_START=${DEMO_WARM_START-auto}
 if [[ "$WARM_START" == auto ]]; then
   case "$MODEL" in albef|blip) WARM_START=tiny_clip ;; *) WARM_START= ;; esac
@@ -61,7 +64,9 @@ fi
 INIT=()
 if [[ -n "$WARM_START" ]]; then
   echo "== warm start: $WARM_START (in-batch contrastive) into $RUN_DIR/warm_start"
-  train "$WARM_START" "$RUN_DIR/warm_start"
+  WARM_ARGS=()
+  [[ "$TEXT_LAYERS" == - ]] || WARM_ARGS=(model.text.text_layers="$TEXT_LAYERS")
+  train "$WARM_START" "$RUN_DIR/warm_start" "${WARM_ARGS[@]}"
   INIT=(train.init_from="$RUN_DIR/warm_start")
 fi
 

@@ -211,13 +211,22 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
 
 def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str], list[str]]:
     """Initialise ``model`` from another run's newest complete checkpoint (or a tag dir): every
-    parameter or buffer whose name and shape match is copied, the rest keep their initialisation
+    parameter or buffer whose name and shape match is copied (an embedding table with more rows
+    gets the checkpoint's rows first), the rest keep their initialisation
     (a warm start: CLIP encoders into ALBEF). Returns ``(tag_dir, copied, kept)``; copying nothing
     is an error, since it means the two models share no names."""
     tag_dir = find_checkpoint(path)
     source = consolidated_state_dict(tag_dir)
     own = model.state_dict()
-    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    copied = {}
+    for k, v in source.items():
+        if k not in own:
+            continue
+        if own[k].shape == v.shape:
+            copied[k] = v
+        elif v.dim() >= 1 and v.shape[1:] == own[k].shape[1:] and v.shape[0] < own[k].shape[0]:
+            # a vocabulary that grew (BLIP's [ENC] / [DEC]): the known rows, the new ones as initialised
+            copied[k] = torch.cat([v.to(own[k].dtype), own[k][v.shape[0]:]])
     if not copied:
         raise ValueError(f"train.init_from={path}: no parameter of {tag_dir} matches the model by name and shape")
     model.load_state_dict(copied, strict=False)
