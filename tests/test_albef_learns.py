@@ -82,3 +82,26 @@ def test_init_from_copies_matching_weights_and_resyncs_the_teacher(tmp_path, mon
 
     with pytest.raises(ValueError, match="train.init_from"):
         ckpt.init_from(torch.nn.Linear(3, 3), tmp_path)
+
+
+def test_init_from_fills_the_known_rows_of_a_grown_vocabulary(tmp_path, monkeypatch):
+    """BLIP adds [ENC] / [DEC] to the vocabulary: the warm start's rows come first, the new rows
+    keep their initialisation, and all four text layers come from a CLIP with four."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    from pipeline.train import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    clip_state = build_model(load_config("tiny_clip", ["model.text.text_layers=4"]).model).state_dict()
+    monkeypatch.setattr(ckpt, "find_checkpoint", lambda path: tmp_path)
+    monkeypatch.setattr(ckpt, "consolidated_state_dict", lambda tag_dir: clip_state)
+    blip = build_model(load_config("tiny_blip_elip").model)
+    key = "text_encoder.embeddings.word_embeddings.weight"
+    before = blip.state_dict()[key].clone()
+    _, copied, _ = ckpt.init_from(blip, tmp_path)
+    after, known = blip.state_dict()[key], clip_state[key].shape[0]
+    assert key in copied and after.shape[0] > known
+    assert torch.equal(after[:known], clip_state[key]) and torch.equal(after[known:], before[known:])
+    assert "text_encoder.encoder.layer.3.output.dense.weight" in copied

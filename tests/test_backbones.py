@@ -1,7 +1,10 @@
 """BLIP and METER end to end: losses that fall on the tiny synthetic set, retrieval evaluation,
 and a two-rank DeepSpeed pre-training whose checkpoint ``python -m pipeline.eval retrieval`` reloads."""
 import copy
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from pipeline.config import load_config
 from pipeline.eval.retrieval import evaluate_shards
 from pipeline.models import build_model
 from tests.helpers_backbones import build_synthetic_shards, synthetic_batch, train_steps, zero3_all_params
+from tests.helpers_train import repo_root, subprocess_env
 from tests.test_train import _free_port
 
 # the loss each backbone learns fastest from a fixed batch (ITC/ITM depend on queues and negatives)
@@ -66,3 +70,14 @@ def test_two_rank_zero3_pretraining_then_eval_reloads_the_checkpoint(config, tok
     assert [rows[-1][f"tokens/layer_{i:02d}"] for i in range(4)] == tokens
     parts = {"tiny_blip_elip": ("itc", "itm", "lm"), "tiny_meter_elip": ("itm", "mlm")}[config]
     assert all(math.isfinite(rows[-1][f"train/loss_{p}"]) for p in parts)
+    if config == "tiny_blip_elip":  # BLIP also captions: the caption CLI scores the same checkpoint
+        out = tmp_path / "caption.json"
+        r = subprocess.run([sys.executable, "-m", "pipeline.eval", "caption", "--run", str(tmp_path / "run"),
+                            "--shards", str(tmp_path / "eval"), "--batch-size", "4", "--max-new-tokens", "6",
+                            "--num-beams", "2", "--out", str(out)],
+                           cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+        scores = json.loads(out.read_text())
+        assert {"bleu_4", "cider"} <= set(scores) and scores["step"] == 4
+        assert scores["generate"]["prompt"] == "a picture of " and scores["examples"]
+        assert all(isinstance(e["caption"], str) and e["references"] for e in scores["examples"])

@@ -219,6 +219,12 @@ class BLIP(MomentumContrast):
         return self.itm_head(fused.hidden[:, 0])[:, 1].float()
 
     # -- captioning ----------------------------------------------------------------------------
+    @property
+    def caption_defaults(self) -> dict:
+        """:meth:`generate_captions` keywords for ``python -m pipeline.eval caption``: BLIP's
+        captioning settings (prompt "a picture of ", beam 3, at most 20 new tokens, at least 5)."""
+        return dict(prompt=self.cfg.prompt, max_new_tokens=20, min_length=5, num_beams=3)
+
     @torch.no_grad()
     def generate_captions(
         self, images: torch.Tensor, *, prompt: str, max_new_tokens: int, min_length: int, num_beams: int
