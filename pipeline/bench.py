@@ -554,6 +554,7 @@ def bench_evlgen(args) -> list[dict]:
                                ("flops_llm", "LLM GF", "{:.1f}"), ("trainable_params", "trainable M", "{:.2f}"),
                                *COST_COLUMNS]))
     print("\n".join(check_targets(rows, EVLGEN_TARGETS)))
+    return rows
 
 
 # -- autobatch: the batch the freed memory buys ----------------------------------------------
