@@ -22,7 +22,7 @@ from transformers.models.bert.modeling_bert import BertAttention
 from pipeline.models import register_model
 from pipeline.models.losses import sample_hard_negatives
 from pipeline.models.momentum import MomentumContrast
-from pipeline.models.text import BertTextFusion, TextConfig, causal_bias, check_guidance, load_tokenizer
+from pipeline.models.text import BertTextFusion, TextConfig, bert_init, causal_bias, check_guidance, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
 
 
@@ -80,7 +80,8 @@ class BLIP(MomentumContrast):
             for attn, layer in zip(self.text_decoder_attention, self.text_encoder.encoder.layer):
                 attn.load_state_dict(layer.attention.state_dict())
         else:
-            self.text_decoder_attention.apply(self.text_encoder._init)
+            std = self.text_encoder.config.initializer_range
+            self.text_decoder_attention.apply(lambda m: bert_init(m, std))
         self.patch_size = self.visual_encoder.patch_size
         self.text_guided = cfg.vision.reduction.method == "elip"
         self.image_first = check_guidance(cfg)

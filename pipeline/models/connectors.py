@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 
+from pipeline.models.text import bert_init
 from pipeline.tokens import tome
 
 log = logging.getLogger(__name__)
@@ -70,19 +71,6 @@ def bert_config(pretrained: str | None, overrides: dict, key: str) -> BertConfig
     return BertConfig(**overrides)
 
 
-def _bert_init(module: nn.Module, std: float) -> None:
-    """BERT's initialisation (``BertPreTrainedModel._init_weights``)."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=std)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=std)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 def _bert_state(path: str) -> dict[str, torch.Tensor]:
     """A local BERT's weights with BertModel's names (``embeddings.*``, ``encoder.layer.N.*``)."""
     state = BertModel.from_pretrained(path).state_dict()
@@ -110,7 +98,7 @@ class TomeFormer(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(BertLayer(self.config, layer_idx=i)
                                            for i in range(self.config.num_hidden_layers))
-        self.apply(lambda m: _bert_init(m, self.config.initializer_range))
+        self.apply(lambda m: bert_init(m, self.config.initializer_range))
         self.schedule = tome.r_schedule(self.config.num_hidden_layers, cfg.r, cfg.inflect)
         self.grad_checkpointing = False
         if cfg.pretrained is not None:

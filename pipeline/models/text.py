@@ -193,6 +193,19 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(layers)
 
 
+def bert_init(module: nn.Module, std: float) -> None:
+    """BERT's initialisation (``BertPreTrainedModel._init_weights``), for ``Module.apply``."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B, L]`` 1/0 mask -> ``[B, 1, 1, L]`` additive bias (0 keep, -inf-ish drop)."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
@@ -230,23 +243,11 @@ class BertTextFusion(nn.Module):
         self.embeddings = BertEmbeddings(self.config)
         self.encoder = _Encoder(layers)
         self.cls = None if text_only else BertOnlyMLMHead(self.config)
-        self.apply(self._init)
+        self.apply(lambda m: bert_init(m, self.config.initializer_range))
         if self.cls is not None:
             self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
         if cfg.pretrained is not None:
             self._load_pretrained(cfg.pretrained)
-
-    def _init(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def _load_pretrained(self, path: str) -> None:
         """Copy a local BERT's weights in; cross-attention (and a missing MLM head) stay random.
