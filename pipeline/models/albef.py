@@ -75,14 +75,7 @@ class ALBEF(MomentumContrast):
 
         tok = self.tokenize(batch["text"], device)
         ids, mask = tok.input_ids, tok.attention_mask
-        vision = None
-        if self.image_first:  # text pruning guided by the image [CLS]: the ViT runs first, unguided
-            vision = self.visual_encoder(images, track_patches=True)
-        text = self.text_encoder.encode(ids, mask, image_cls=vision.tokens[:, 0] if vision else None)
-        if vision is None:
-            vision = self.visual_encoder(
-                images, text_cls=text.hidden[:, 0] if self.text_guided else None, track_patches=True
-            )
+        text, vision = self.encode_pair(images, ids, mask)
         text_embeds, mask = text.hidden, text.mask  # [B, L', D], [B, L'] (L' < L when text is pruned)
         image_embeds = vision.tokens  # [B, N', D]
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
@@ -142,13 +135,7 @@ class ALBEF(MomentumContrast):
             loss = (1 - alpha) * loss + alpha * distill
         return loss
 
-    # -- retrieval -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 3, H, W]`` -> ``(image_embeds [B, N', D], image_feat [B, E])``; vision-only selection."""
-        embeds = self.visual_encoder(images).tokens
-        return embeds, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
-
+    # -- retrieval (image_features: MomentumContrast) -------------------------------------------
     @torch.no_grad()
     def text_features(self, texts: list[str], device: torch.device):
         """B captions -> ``(text_embeds [B, L, D], mask [B, L], text_feat [B, E])``."""

@@ -55,6 +55,33 @@ class MomentumContrast(nn.Module):
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
 
+    def encode_pair(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        """Text and image encoders in the order guidance needs: text first when its [CLS] guides
+        ELIP (``self.text_guided``); the ViT first, unguided, when the image [CLS] guides text
+        pruning (``self.image_first``).
+
+        Args:
+            images: ``[B, 3, H, W]``; ids, mask: ``[B, L]`` tokenized captions.
+        Returns:
+            ``(TextOutput, VisionOutput)``; the vision output tracks kept patches.
+        """
+        vision = None
+        if self.image_first:
+            vision = self.visual_encoder(images, track_patches=True)
+        text = self.text_encoder.encode(ids, mask, image_cls=vision.tokens[:, 0] if vision else None)
+        if vision is None:
+            vision = self.visual_encoder(
+                images, text_cls=text.hidden[:, 0] if self.text_guided else None, track_patches=True
+            )
+        return text, vision
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieval: ``[B, 3, H, W]`` -> ``(image_embeds [B, N', D], image_feat [B, E])``;
+        vision-only selection (no caption to guide ELIP)."""
+        embeds = self.visual_encoder(images).tokens
+        return embeds, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+
     def distill_alpha(self, batch: dict) -> float:
         """The distillation weight, ramped up over the first epoch (``batch['epoch_progress']``)."""
         if not self.cfg.distill:
