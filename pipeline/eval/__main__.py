@@ -23,10 +23,8 @@ from pipeline.config import ConfigError, load_config
 from pipeline.models import build_model, model_entry
 
 
-def _retrieval(args) -> int:
-    from pipeline.eval.retrieval import evaluate_shards, format_table
-    from pipeline.train.checkpoint import load_weights, read_meta
-
+def _open_run(args):
+    """``--run`` (and ``--shards``) -> ``(run dir, its config, evaluation shards, device)``."""
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise SystemExit(f"error: --run {run}: no config.yaml (is this a run directory?)")
@@ -35,10 +33,24 @@ def _retrieval(args) -> int:
     if not shards:
         raise SystemExit("error: no evaluation shards: pass --shards or set eval.shards in the run's config")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return run, cfg, shards, device
+
+
+def _load_trained(cfg, args, run: Path, device: torch.device):
+    """The run's model with the newest complete checkpoint (or ``--checkpoint``): ``(model, tag dir, step)``."""
+    from pipeline.train.checkpoint import load_weights, read_meta
+
     model = build_model(cfg.model)
     tag_dir = load_weights(model, args.checkpoint or run)
     model.to(device).eval()
-    step = int(read_meta(tag_dir).get("step", 0))
+    return model, tag_dir, int(read_meta(tag_dir).get("step", 0))
+
+
+def _retrieval(args) -> int:
+    from pipeline.eval.retrieval import evaluate_shards, format_table
+
+    run, cfg, shards, device = _open_run(args)
+    model, tag_dir, step = _load_trained(cfg, args, run, device)
     metrics = evaluate_shards(model, shards, image_size=cfg.data.image_size, batch_size=args.batch_size,
                               k_test=args.k_test or cfg.eval.k_test, max_words=cfg.data.max_words, device=device)
     metrics.update(checkpoint=str(tag_dir), step=step, shards=shards)
@@ -60,19 +72,11 @@ def _retrieval(args) -> int:
 
 def _caption(args) -> int:
     from pipeline.eval.caption import evaluate_shards, format_table
-    from pipeline.train.checkpoint import load_weights, read_meta
 
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise SystemExit(f"error: --run {run}: no config.yaml (is this a run directory?)")
-    cfg = load_config(run / "config.yaml")
-    shards = args.shards or cfg.eval.shards
-    if not shards:
-        raise SystemExit("error: no evaluation shards: pass --shards or set eval.shards in the run's config")
+    run, cfg, shards, device = _open_run(args)
     if not hasattr(model_entry(cfg.model.name).build, "generate_captions"):
         raise SystemExit(f"error: model {cfg.model.name!r} has no generate_captions(); caption evaluation "
                          "needs a captioning model (evlgen, blip)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generate = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_length=args.min_length,
                     num_beams=args.num_beams)
     common = dict(image_size=cfg.data.image_size, batch_size=args.batch_size, max_words=cfg.data.max_words,
@@ -84,10 +88,7 @@ def _caption(args) -> int:
         untrained = build_model(cfg.model).to(device).eval()
         baseline, _ = evaluate_shards(untrained, shards, **common)
         del untrained
-    model = build_model(cfg.model)
-    tag_dir = load_weights(model, args.checkpoint or run)
-    model.to(device).eval()
-    step = int(read_meta(tag_dir).get("step", 0))
+    model, tag_dir, step = _load_trained(cfg, args, run, device)
     metrics, rows = evaluate_shards(model, shards, **common)
     out = dict(metrics, checkpoint=str(tag_dir), step=step, shards=shards,
                generate=dict(getattr(model, "caption_defaults", {}))
