@@ -171,6 +171,8 @@ def num_patches(vit_cfg) -> int:
 
 
 def _describe(methods: dict) -> str:
+    if not {"tome", "evit", "elip-reuse"} <= set(methods):  # a --methods subset
+        return f"methods {list(methods)}"
     elip = methods["elip-reuse"]
     return (f"ToMe r={methods['tome'].r} (closest to ELIP's token-layers), EViT keep {methods['evit'].keep_rate} "
             f"at layers 3/6/9, ELIP {'/'.join(map(str, elip.ratios))} before layers "
@@ -268,6 +270,21 @@ def backbone_config(backbone: str, reduction, image_size: int | None = None):
     raise ValueError(f"--backbone {backbone!r}: known backbones are {sorted(STEP_TARGETS)}")
 
 
+def backbone_methods(backbone: str, image_size: int | None = None, only: list[str] | None = None) -> dict:
+    """:func:`token_methods` for ``backbone``'s ViT and ELIP layout; ``only``: the subset to keep
+    (an unknown name is an error listing the known ones)."""
+    from pipeline.tokens.plan import ReductionConfig
+
+    vit = backbone_config(backbone, ReductionConfig(), image_size).vision
+    methods = token_methods(num_patches(vit), vit.timm_kwargs.get("depth", 12), elip_layout=elip_layout(backbone))
+    if only:
+        unknown = sorted(set(only) - set(methods))
+        if unknown:
+            raise ValueError(f"--methods {unknown}: known methods are {list(methods)}")
+        methods = {m: r for m, r in methods.items() if m in only}
+    return methods
+
+
 def step_cases(backbone: str, batch: int, device, image_size: int | None = None, only: list[str] | None = None):
     """One :class:`Case` per reduction of ``backbone``: a full pre-training step, all losses.
 
@@ -276,16 +293,8 @@ def step_cases(backbone: str, batch: int, device, image_size: int | None = None,
     Returns ``(cases, methods, image_size)``.
     """
     from pipeline.models import build_model
-    from pipeline.tokens.plan import ReductionConfig
 
-    vit = backbone_config(backbone, ReductionConfig(), image_size).vision
-    depth = vit.timm_kwargs.get("depth", 12)
-    methods = token_methods(num_patches(vit), depth, elip_layout=elip_layout(backbone))
-    if only:
-        unknown = sorted(set(only) - set(methods))
-        if unknown:
-            raise ValueError(f"--methods {unknown}: known methods are {list(methods)}")
-        methods = {m: r for m, r in methods.items() if m in only}
+    methods = backbone_methods(backbone, image_size, only)
     cases, first = [], None
     for method, reduction in methods.items():
         torch.manual_seed(0)
@@ -333,7 +342,7 @@ def bench_step(args) -> list[dict]:
     batch, repeats = _batch_repeats(args)
     only = args.methods.split(",") if args.methods else None
     cases, methods, size = step_cases(args.backbone, batch, device, args.image_size, only)
-    described = _describe(methods) if {"tome", "evit", "elip-reuse"} <= set(methods) else f"methods {list(methods)}"
+    described = _describe(methods)
     print(f"[bench] step: {args.backbone} (paper size, random init) at {size}px, batch {batch}, one full "
           f"pre-training step (all losses, forward + backward) per reduction on {device}; {described}",
           flush=True)
@@ -372,7 +381,7 @@ def bench_table(args) -> list[dict]:
         if backbone not in STEP_TARGETS:
             raise ValueError(f"--backbones: unknown backbone {backbone!r}; known: {sorted(STEP_TARGETS)}")
         cases, methods, size = step_cases(backbone, batch, device, only=args.methods.split(",") if args.methods else None)
-        described = _describe(methods) if {"tome", "evit", "elip-reuse"} <= set(methods) else f"methods {list(methods)}"
+        described = _describe(methods)
         print(f"[bench] {backbone} at {size}px: {described}", flush=True)
         part = run_side_by_side(cases, repeats)
         for row in part:
@@ -570,25 +579,20 @@ def bench_autobatch(args) -> list[dict]:
     from pipeline import autobatch as ab
     from pipeline.config import ExperimentConfig
     from pipeline.models import build_model
-    from pipeline.tokens.plan import ReductionConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     precision = "bf16" if device.type == "cuda" else "fp32"
     batch = args.batch or 40  # the paper's ALBEF batch per GPU
-    methods = token_methods(num_patches(backbone_config(args.backbone, ReductionConfig(), args.image_size).vision))
-    described = _describe(methods)
-    if args.methods:
-        unknown = sorted(set(args.methods.split(",")) - set(methods) - {BASELINE})
-        if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(methods)}")
-        methods = {m: methods[m] for m in args.methods.split(",") if m != BASELINE}
+    described = _describe(backbone_methods(args.backbone, args.image_size))
+    methods = backbone_methods(args.backbone, args.image_size,
+                               [BASELINE, *args.methods.split(",")] if args.methods else None)
     print(f"[bench] autobatch: {args.backbone} (paper size, random init), budget = the unpruned model's memory at "
           f"batch {batch} ({'CUDA peak' if device.type == 'cuda' else 'activation bytes saved for backward'} + "
           f"model states, ZeRO-2 over 8 ranks, {precision}) on {device}; "
           f"{'line from probes at 2 and 4' if args.quick else 'verified by probes'}; {described}", flush=True)
     rows, budget = [], None
-    for method, reduction in {BASELINE: ReductionConfig(), **methods}.items():
+    for method, reduction in methods.items():  # none first: it sets the budget
         model_cfg = backbone_config(args.backbone, reduction, args.image_size)
         cfg = ExperimentConfig(model=model_cfg)
         cfg.data.image_size, cfg.data.max_words = model_cfg.vision.image_size, 30
