@@ -2,10 +2,11 @@
 import argparse
 import sys
 
-from . import captions, cc3m, coco, flickr30k, images, report, sbu, synthetic, vg, video, writer
+from . import (captions, cc3m, coco, flickr30k, gqa, images, nlvr2, nocaps, okvqa, report, sbu, snli_ve,
+               synthetic, vg, video, vqav2, writer)
 from .errors import DataPrepError
 
-SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic, video)
+SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic, video, vqav2, okvqa, gqa, nlvr2, snli_ve, nocaps)
 
 
 def _part(text: str) -> writer.Part:

@@ -171,3 +171,23 @@ def parse_image_caption_list(data: list, images_dir: Path, split: str, max_words
         image_id = entry.get("image_id", Path(rel).stem)
         out.rows.append(ImageRow(image_candidates(images_dir, rel, subdirs), tuple(caps), image_id, split))
     return out
+
+
+def read_jsonl(path, what: str) -> list:
+    """The decoded lines of a JSON-lines file (``None`` for a line that is not JSON). A file none
+    of whose lines is a JSON object is a :class:`DataPrepError` naming it."""
+    p = require_file(path, what)
+    try:
+        lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise DataPrepError(f"{p}: not UTF-8 text; expected {what}") from None
+    rows = []
+    for ln in lines:
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            rows.append(None)
+    if not any(isinstance(r, dict) for r in rows):
+        raise DataPrepError(f"{p}: expected {what}, one JSON object per line; found "
+                            + ("an empty file" if not rows else f"no JSON object in line 1: {lines[0][:60]!r}"))
+    return rows

@@ -51,7 +51,7 @@ def _checking_resizer():
 
 
 def run_img2dataset(url_list: Path, stage: Path, options: dict) -> None:
-    """Download the parquet ``url_list`` (columns url, caption, captions, image_id) into
+    """Download the parquet ``url_list`` (columns url, caption, captions, image_id, extra) into
     img2dataset webdataset shards under ``stage``, resuming shards already finished there.
     ``options``: image_size, resize_mode, processes_count, thread_count, ... of img2dataset."""
     previous = signal.getsignal(signal.SIGINT)
@@ -59,7 +59,7 @@ def run_img2dataset(url_list: Path, stage: Path, options: dict) -> None:
         with _checking_resizer():
             img2dataset.download(
                 url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
-                save_additional_columns=["captions", "image_id"], output_format="webdataset",
+                save_additional_columns=["captions", "image_id", "extra"], output_format="webdataset",
                 output_folder=str(stage), incremental_mode="incremental", extract_exif=False,
                 compute_hash=None, enable_wandb=False, oom_shard_count=OOM_SHARD_COUNT,
                 distributor="multiprocessing", **options)

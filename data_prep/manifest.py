@@ -23,7 +23,9 @@ def collect(out_dir) -> dict:
     Returns ``{"num_samples", "num_shards", "shards": [{"name", "num_samples", "prefix",
     "source"}], "sources": {prefix: {...counts, failures, examples, complete}}}``. Only
     prefixes whose every shard is written contribute shards, so a loader reading the
-    manifest never sees a half-made dataset.
+    manifest never sees a half-made dataset. Downstream sets add ``task`` (``vqa``, ``nlvr2``,
+    ``snli_ve``, ``caption``) and ``chance`` (share of the most frequent answer or label) to
+    their source entry.
     """
     out_dir = Path(out_dir)
     sources: dict[str, dict] = {}
@@ -55,6 +57,8 @@ def collect(out_dir) -> dict:
             "pattern": f"{prefix}-{{{0:06d}..{max(run['num_shards'] - 1, 0):06d}}}.tar",
             "failures": dict(failures.most_common()), "examples": examples,
         }
+        # downstream sets: which task's schema the samples follow, and its chance level
+        sources[prefix].update({k: run[k] for k in ("task", "chance") if k in run})
         if complete:
             shards += [{"name": r["shard"], "num_samples": r["num_samples"], "prefix": prefix,
                         "source": run["source"]} for r in records]

@@ -9,6 +9,8 @@ TOO_SMALL = "too small"
 TOO_LARGE = "too large"            # PIL's decompression-bomb limit
 MISSING_FILE = "missing file"
 EMPTY_CAPTION = "empty caption"
+EMPTY_TEXT = "empty text"          # a downstream question, statement or hypothesis
+UNKNOWN_LABEL = "unknown label"    # NLVR2 / SNLI-VE label outside the task's set
 BAD_ROW = "bad row"                # a malformed annotation entry or URL line
 OTHER = "other"
 

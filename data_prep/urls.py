@@ -8,6 +8,7 @@ samples in row order) through the same resumable writer the local sources use, a
 per-row errors (from img2dataset's per-shard parquet) are counted by reason. The staging
 files of a shard are deleted once it is converted, so a dataset needs little extra disk.
 """
+import json
 import math
 import os
 import shutil
@@ -27,10 +28,12 @@ OOM_SHARD_COUNT = 5  # as in i2d.py (not imported here: it loads img2dataset)
 
 
 class UrlRow(NamedTuple):
-    """One URL row: the image URL, its captions (cleaned, non-empty) and an image id."""
+    """One URL row: the image URL, its captions (cleaned, non-empty), an image id, and further
+    ``KEY.json`` fields as a JSON object string (NoCaps' domain, ...)."""
     url: str
     captions: tuple
     image_id: str
+    extra: str = "{}"
 
 
 def add_arguments(parser) -> None:
@@ -79,7 +82,8 @@ def _write_input(rows: list, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     table = pa.table({"url": [r.url for r in rows], "caption": [r.captions[0] for r in rows],
-                      "captions": [list(r.captions) for r in rows], "image_id": [str(r.image_id) for r in rows]})
+                      "captions": [list(r.captions) for r in rows], "image_id": [str(r.image_id) for r in rows],
+                      "extra": [r.extra for r in rows]})
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -118,7 +122,7 @@ def _convert_shard(out_dir: Path, stage: Path, prefix: str, source: str, split: 
             err = m.get("error_message") or m["status"] or "unknown error"
             raise Skip(classify_download_error(err), f"{m['url']}: {err}")
         return {"jpg": sample["jpg"], "txt": m["caption"],
-                "json": {"source": source, "image_id": m["image_id"], "url": m["url"], "split": split,
+                "json": {**json.loads(m.get("extra") or "{}"), "source": source, "image_id": m["image_id"], "url": m["url"], "split": split,
                          "original_size": [m["original_width"], m["original_height"]],
                          "size": [m["width"], m["height"]], "captions": list(m.get("captions") or [m["caption"]])}}
 
@@ -127,8 +131,9 @@ def _convert_shard(out_dir: Path, stage: Path, prefix: str, source: str, split: 
         (stage / f"{name}{suffix}").unlink(missing_ok=True)
 
 
-def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> dict:
-    """Download ``parsed`` URL rows with img2dataset and shard them under ``args.out``."""
+def build(args, source: str, parsed: Parsed, split: str, input_files: list, task: str | None = None) -> dict:
+    """Download ``parsed`` URL rows with img2dataset and shard them under ``args.out``;
+    ``task``: recorded in the manifest for downstream sets (``caption`` for NoCaps)."""
     out_dir = Path(args.out)
     rows, shard_size = parsed.rows, args.shard_size
     if shard_size < 1:
@@ -147,7 +152,7 @@ def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> d
                    "source": source, "num_rows": len(rows), "shard_size": shard_size}
     plan = {"source": source, "num_rows": len(rows), "num_shards": num_shards, "shard_size": shard_size,
             "parse_failures": dict(parsed.failures), "parse_examples": parsed.examples,
-            "split": split, "eval": is_eval}
+            "split": split, "eval": is_eval, **({"task": task} if task else {})}
     progress.begin(fingerprint, plan, args.overwrite, shards=None if part.whole else mine)
     # one staging folder per task of a --part split: each marks the others' shards as done there
     stage = out_dir / STAGE_DIR / (prefix if part.whole else f"{prefix}_part{part.index}of{part.count}")
@@ -197,8 +202,9 @@ def build(args, source: str, parsed: Parsed, split: str, input_files: list) -> d
     return result
 
 
-def add_row(parsed: Parsed, where: str, url, captions, image_id, max_words: int) -> None:
-    """Append a :class:`UrlRow` to ``parsed``, or count why the row is unusable."""
+def add_row(parsed: Parsed, where: str, url, captions, image_id, max_words: int, extra: dict | None = None) -> None:
+    """Append a :class:`UrlRow` to ``parsed``, or count why the row is unusable. ``extra``:
+    further ``KEY.json`` fields."""
     if not isinstance(url, str) or not url.strip().lower().startswith(("http://", "https://")):
         parsed.fail(BAD_ROW, f"{where}: not an http(s) URL: {str(url)[:100]!r}")
         return
@@ -206,7 +212,7 @@ def add_row(parsed: Parsed, where: str, url, captions, image_id, max_words: int)
     if not caps:
         parsed.fail(EMPTY_CAPTION, f"{where}: {url.strip()}")
         return
-    parsed.rows.append(UrlRow(url.strip(), tuple(caps), str(image_id)))
+    parsed.rows.append(UrlRow(url.strip(), tuple(caps), str(image_id), json.dumps(extra or {}, sort_keys=True)))
 
 
 def read_lines(path, what: str) -> list[str]:
