@@ -3,10 +3,11 @@ import argparse
 import sys
 
 from . import (captions, cc3m, coco, flickr30k, gqa, images, nlvr2, nocaps, okvqa, report, sbu, snli_ve,
-               synthetic, vg, video, vqav2, writer)
+               synthetic, synthetic_tasks, vg, video, vqav2, writer)
 from .errors import DataPrepError
 
-SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic, video, vqav2, okvqa, gqa, nlvr2, snli_ve, nocaps)
+SOURCES = (coco, vg, sbu, cc3m, flickr30k, synthetic, video, vqav2, okvqa, gqa, nlvr2, snli_ve, nocaps,
+           *synthetic_tasks.SOURCES)
 
 
 def _part(text: str) -> writer.Part:

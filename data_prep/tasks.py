@@ -87,12 +87,6 @@ class TaskSampler:
         return sample
 
 
-def add_image_arguments(parser, annotations_help: str, images_help: str) -> None:
-    """``--annotations`` and ``--images`` of a downstream source."""
-    parser.add_argument("--annotations", required=True, metavar="FILE", help=annotations_help)
-    parser.add_argument("--images", required=True, metavar="DIR", help=images_help)
-
-
 def split_prefix(source: str, split: str) -> str:
     """Default shard prefix: ``vqav2`` for train, ``vqav2_val``, ``nlvr2_test1``, ... else
     (letters, digits and ``_`` only, as the writer requires)."""
