@@ -8,6 +8,15 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
 MAX_EXAMPLES = 5  # per reason and prefix
+# the sample layout of each task (README, Downstream): what the manifest says the shards hold
+SCHEMAS = {
+    "caption": {"jpg": "image", "txt": "caption", "json": "source, image_id, original_size, captions"},
+    "vqa": {"jpg": "image", "txt": "question", "json": "task, dataset, question_id, question, answers, "
+                                                       "answer_type, question_type, image_id"},
+    "nlvr2": {"left.jpg": "left image", "right.jpg": "right image", "txt": "sentence",
+              "json": "task, label, identifier, sentence"},
+    "snli_ve": {"jpg": "image (premise)", "txt": "hypothesis", "json": "task, label, label_id, hypothesis, image_id"},
+}
 
 
 def _load(path: Path):
@@ -62,8 +71,9 @@ def collect(out_dir) -> dict:
         if complete:
             shards += [{"name": r["shard"], "num_samples": r["num_samples"], "prefix": prefix,
                         "source": run["source"]} for r in records]
-    return {"format": "webdataset", "schema": {"jpg": "image", "txt": "caption",
-                                               "json": "source, image_id, original_size, captions"},
+    tasks = sorted({src.get("task") or "caption" for src in sources.values()}) or ["caption"]
+    schema = SCHEMAS[tasks[0]] if len(tasks) == 1 else {t: SCHEMAS[t] for t in tasks}
+    return {"format": "webdataset", "schema": schema,
             "num_samples": sum(s["num_samples"] for s in shards), "num_shards": len(shards),
             "shards": shards, "sources": sources}
 

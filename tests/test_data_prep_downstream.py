@@ -91,6 +91,7 @@ def test_nlvr2_pairs_and_labels(tmp_path):
     src = source(out, "nlvr2_dev")
     assert src["failures"] == {"missing file": 1, "unknown label": 1, "empty text": 1, "bad row": 2}
     assert src["num_samples"] == 2 and src["task"] == "nlvr2" and src["chance"] == pytest.approx(2 / 3)
+    assert json.loads((out / "manifest.json").read_text())["schema"]["left.jpg"] == "left image"
     samples = by(read_shards(out, "nlvr2_dev"), "identifier")
     s = samples["dev-0-0-1"]
     assert s["txt"] == "The left image has a cat." and s["json"]["label"] is False
@@ -160,3 +161,11 @@ def test_malformed_annotation_file_is_one_line(tmp_path, capsys, name, args, con
     assert run(name, *args, path, "--images", tmp_path / "images", "--out", tmp_path / "o", *FAST) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and expect in err, err
+
+
+def test_help_for_every_downstream_source(capsys):
+    for name in ("vqav2", "okvqa", "gqa", "nlvr2", "snli_ve", "nocaps", "synthetic_vqa", "synthetic_nlvr2",
+                 "synthetic_ve"):
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0 and "usage: python -m data_prep " + name in capsys.readouterr().out
