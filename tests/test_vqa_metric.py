@@ -98,3 +98,21 @@ def test_official_files_and_results(tmp_path):
     a.write_text(json.dumps({"annotations": [{"question_id": 7, "answers": [{"answer": "x"}]}]}))
     with pytest.raises(ValueError, match="question_id 7, which is not in"):
         load_official(q, a)
+
+
+def test_vqa_score_command(tmp_path, capsys):
+    from pipeline.eval.__main__ import main
+
+    q, a = _official(tmp_path)
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps([{"question_id": 420, "answer": "Two"}, {"question_id": 421, "answer": "no"}]))
+    assert main(["vqa-score", "--questions", str(q), "--annotations", str(a), "--results", str(res), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == {"overall": pytest.approx(45.0),
+                                   "per_answer_type": {"number": pytest.approx(90.0), "yes/no": 0.0}}
+    assert any("number" in line and "90.00" in line for line in out[:-1])
+
+    res.write_text(json.dumps([{"question_id": 421, "answer": "yes"}]))
+    assert main(["vqa-score", "--questions", str(q), "--annotations", str(a), "--results", str(res)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(res) in err and "no answer for 1 of 2 questions: 420" in err
