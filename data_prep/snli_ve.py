@@ -31,7 +31,8 @@ def parse(path, images_dir: Path, max_words: int) -> Parsed:
     for n, e in enumerate(read_jsonl(path, EXPECTED)):
         image_id = e.get("Flickr30K_ID") if isinstance(e, dict) else None
         if image_id is None or not str(image_id).strip():
-            out.fail(BAD_ROW, f"line {n + 1}: expected {{'Flickr30K_ID', 'sentence2', 'gold_label'}}, got {str(e)[:80]}")
+            out.fail(BAD_ROW, f"line {n + 1}: expected {{'Flickr30K_ID', 'sentence2', 'gold_label'}}, "
+                              f"got {str(e)[:80]}")
             continue
         image_id = str(image_id).strip()
         hypothesis = tasks.clean_text(e.get("sentence2"), max_words)

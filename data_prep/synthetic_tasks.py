@@ -103,8 +103,8 @@ def nlvr2_statements(left: list, right: list) -> list[list[tuple[str, bool]]]:
     kinds.append(more)
     kinds.append([(f"both images contain a {s}", _count(left, s) > 0 and _count(right, s) > 0)
                   for s in synthetic.SHAPES])
-    kinds.append([(f"exactly one image contains something {c}", (_count(left, colour=c) > 0) != (_count(right, colour=c) > 0))
-                  for c in sorted(synthetic.COLOURS)])
+    kinds.append([(f"exactly one image contains something {c}",
+                   (_count(left, colour=c) > 0) != (_count(right, colour=c) > 0)) for c in sorted(synthetic.COLOURS)])
     kinds.append([(f"there {'is' if n == 1 else 'are'} {COUNT_WORDS[n]} {_noun(s, n)} in total",
                    _count(left, s) + _count(right, s) == n) for s in synthetic.SHAPES for n in range(1, 7)])
     return kinds
@@ -232,7 +232,8 @@ class _Source:
         parser.add_argument("--num", type=int, required=True, help="number of samples")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--image-size", type=int, default=96, help="square image side in px (default 96)")
-        parser.add_argument("--eval", action="store_true", help="write an evaluation set: disjoint images (split 'test')")
+        parser.add_argument("--eval", action="store_true",
+                            help="write an evaluation set: disjoint images (split 'test')")
 
     def run(self, args) -> dict:
         m = build(self.task, args.out, args.num, seed=args.seed, image_size=args.image_size,

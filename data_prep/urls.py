@@ -122,7 +122,8 @@ def _convert_shard(out_dir: Path, stage: Path, prefix: str, source: str, split: 
             err = m.get("error_message") or m["status"] or "unknown error"
             raise Skip(classify_download_error(err), f"{m['url']}: {err}")
         return {"jpg": sample["jpg"], "txt": m["caption"],
-                "json": {**json.loads(m.get("extra") or "{}"), "source": source, "image_id": m["image_id"], "url": m["url"], "split": split,
+                "json": {**json.loads(m.get("extra") or "{}"),
+                         "source": source, "image_id": m["image_id"], "url": m["url"], "split": split,
                          "original_size": [m["original_width"], m["original_height"]],
                          "size": [m["width"], m["height"]], "captions": list(m.get("captions") or [m["caption"]])}}
 

@@ -34,7 +34,8 @@ def coco_image(images_dir: Path, subtype: str, image_id) -> tuple:
     folder = "test2015" if subtype == "test-dev2015" else subtype
     name = f"COCO_{folder}_{int(image_id):012d}.jpg"
     # COCO 2017 folders name images by id alone
-    return image_candidates(images_dir, f"{folder}/{name}", (folder,)) + (str(images_dir / f"{int(image_id):012d}.jpg"),)
+    by_id = str(images_dir / f"{int(image_id):012d}.jpg")
+    return image_candidates(images_dir, f"{folder}/{name}", (folder,)) + (by_id,)
 
 
 def _answers(ann: dict) -> list | None:
@@ -69,7 +70,7 @@ def parse(questions_path, annotations_path, images_dir: Path, dataset: str, max_
         if not question:
             out.fail(EMPTY_TEXT, f"questions[{n}]: question_id {q['question_id']}")
             continue
-        answers, answer_type, question_type = [], None, None
+        answers, answer_type, question_type, target = [], None, None, None
         if anns is not None:
             ann = anns.get(q["question_id"])
             answers = _answers(ann) if ann else None
@@ -77,6 +78,7 @@ def parse(questions_path, annotations_path, images_dir: Path, dataset: str, max_
                 out.fail(BAD_ROW, f"questions[{n}]: question_id {q['question_id']} has no annotation with answers")
                 continue
             answer_type, question_type = ann.get("answer_type"), ann.get("question_type")
+            target = ann.get("multiple_choice_answer") or max(set(answers), key=answers.count)
         try:
             paths = coco_image(images_dir, subtype, q["image_id"])
         except (TypeError, ValueError):
@@ -85,7 +87,6 @@ def parse(questions_path, annotations_path, images_dir: Path, dataset: str, max_
         meta = {"task": "vqa", "dataset": dataset, "question_id": q["question_id"], "question": question,
                 "answers": answers, "answer_type": answer_type, "question_type": question_type,
                 "image_id": q["image_id"]}
-        target = (ann.get("multiple_choice_answer") or max(set(answers), key=answers.count)) if answers else None
         out.rows.append(tasks.TaskRow((("jpg", paths),), question, meta, target))
     return out, SPLITS[subtype]
 
