@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline.eval.vqa_files import load_official, load_results
+from pipeline.eval.vqa_files import load_official, load_results, write_results
 from pipeline.eval.vqa_metric import exact_match, normalize_answer, question_score, score, vqa_accuracy
 
 
@@ -86,6 +86,10 @@ def test_official_files_and_results(tmp_path):
     res = tmp_path / "results.json"
     res.write_text(json.dumps([{"question_id": 420, "answer": "two"}, {"question_id": 421, "answer": "Yes"}]))
     assert score(load_results(res), gt)["overall"] == pytest.approx(95.0)
+    write_results(tmp_path / "written.json", {420: "3", 421: "no"})
+    assert json.loads((tmp_path / "written.json").read_text()) == [{"question_id": 420, "answer": "3"},
+                                                                   {"question_id": 421, "answer": "no"}]
+    assert load_results(tmp_path / "written.json") == {420: "3", 421: "no"}
     res.write_text(json.dumps([{"question_id": 420, "answer": "two"}, {"question_id": 420, "answer": "3"}]))
     with pytest.raises(ValueError, match="question_id 420 is answered twice"):
         load_results(res)
