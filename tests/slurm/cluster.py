@@ -5,7 +5,8 @@ stopped again.
 
 One node (the default) is ``localhost``. With ``nodes=N > 1`` every node is a slurmd in its own
 network, UTS and mount namespaces (netns.py): its own address on a private bridge, its own
-hostname (``elipn1`` ...) and a hosts file naming every node, while slurmctld and munged stay in
+hostname (``elipn1`` ...) and a hosts file naming every node (its own name on 127.0.1.1, as
+Debian has it, which trips gloo: see pipeline/train/distributed.py), while slurmctld and munged stay in
 the machine's namespace (the bridge holds the controller's address; munge's socket is a file,
 which every node sees, as it sees the whole file system). Jobs run inside their node's
 namespaces, so ranks on two nodes talk over the bridge as over a cluster's network.
@@ -47,9 +48,11 @@ def _mem_mb() -> int:
 
 
 def slurm_conf(root: Path, ctld_port: int, slurmd_port: int, cpus: int, mem_mb: int,
-               controller: str = "localhost", nodes: list[tuple[str, str]] = (("localhost", "127.0.0.1"),)) -> str:
+               controller: str = "localhost", nodes: list[tuple[str, str]] = (("localhost", "127.0.0.1"),),
+               slurmd_timeout: int = 300) -> str:
     """A minimal slurm.conf: root daemons, no cgroups (containers). ``controller``: slurmctld's
-    ``host`` or ``host(addr)``; ``nodes``: ``(name, address)`` of each slurmd."""
+    ``host`` or ``host(addr)``; ``nodes``: ``(name, address)`` of each slurmd; ``slurmd_timeout``:
+    seconds after which a node that stops answering is DOWN (its jobs requeued or failed)."""
     node_lines = "\n".join(f"NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN"
                            for name, addr in nodes)
     return f"""\
@@ -81,8 +84,7 @@ ReturnToService=2
 JobRequeue=1
 MinJobAge=3600
 KillWait=10
-# a node that stops answering is DOWN (and its jobs requeued or failed) after this many seconds
-SlurmdTimeout=20
+SlurmdTimeout={slurmd_timeout}
 {node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -120,18 +122,20 @@ class LocalSlurm:
         self.env = {**os.environ, "PATH": path, "SLURM_CONF": str(conf)}
         try:
             if self.num_nodes == 1:
-                controller, nodes = "localhost", [("localhost", "127.0.0.1")]
+                controller, nodes, slurmd_timeout = "localhost", [("localhost", "127.0.0.1")], 300
             else:
                 # slurmctld checks that its host's name is the configured controller's
                 self.net = Network([f"elipn{i + 1}" for i in range(self.num_nodes)], socket.gethostname()).create()
                 self.nodes = self.net.nodes
-                (self.root / "hosts").write_text(self.net.hosts_file())
+                for node in self.nodes:
+                    (self.root / f"hosts-{node.name}").write_text(self.net.hosts_file(node))
                 controller = f"{self.net.controller_name}({self.net.controller_addr})"
                 nodes = [(n.name, n.addr) for n in self.nodes]
+                slurmd_timeout = 20  # the lost-node test waits this long (default 300)
             # each node is given all CPUs and half the memory: jobs ask for less, and slurmd
             # drains a node that has less than its configured size
             conf.write_text(slurm_conf(self.root, _free_port(), _free_port(), os.cpu_count() or 1, _mem_mb(),
-                                       controller=controller, nodes=nodes))
+                                       controller=controller, nodes=nodes, slurmd_timeout=slurmd_timeout))
             m = self.root / "munge"
             self._spawn("munged", ["munged", "--foreground", f"--socket={m}/munge.socket", f"--key-file={key}",
                                    f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed",
@@ -159,7 +163,7 @@ class LocalSlurm:
         """(Re)start a node's slurmd in its namespaces; ``wait``: until slurmctld has it idle again."""
         node = self._node(name)
         (self.root / "spool" / name).mkdir(exist_ok=True)  # slurmd does not make its own
-        self._spawn(f"slurmd-{name}", self.net.command(node, self.root / "hosts", [
+        self._spawn(f"slurmd-{name}", self.net.command(node, self.root / f"hosts-{name}", [
             shutil.which("slurmd", path=self.env["PATH"]) or "slurmd", "-D", "-N", name, "-f", self.env["SLURM_CONF"]]))
         if wait:
             self._wait_for(lambda: self.node_states([name]) == ["idle"], timeout, f"{name} to return as idle")

@@ -69,10 +69,12 @@ class Network:
             _ip("-n", node.netns, "link", "set", "lo", "up")
         return self
 
-    def hosts_file(self) -> str:
-        """The cluster's /etc/hosts, as a site's DNS would answer: every name its own address."""
-        lines = ["127.0.0.1 localhost", f"{self.controller_addr} {self.controller_name}"]
-        lines += [f"{n.addr} {n.name}" for n in self.nodes]
+    def hosts_file(self, node: Node) -> str:
+        """``node``'s /etc/hosts: the controller and every other node at its address, and the
+        node's own name on 127.0.1.1, as Debian writes it for a machine's own hostname (so a
+        program that binds "the address of my hostname" gets loopback, as on such clusters)."""
+        lines = ["127.0.0.1 localhost", f"127.0.1.1 {node.name}", f"{self.controller_addr} {self.controller_name}"]
+        lines += [f"{n.addr} {n.name}" for n in self.nodes if n != node]
         return "\n".join(lines) + "\n"
 
     def command(self, node: Node, hosts: Path, cmd: list[str]) -> list[str]:
