@@ -189,3 +189,19 @@ def test_data_prep_array_on_several_nodes_writes_every_shard_and_the_manifest_on
 
 def _node_cpus(slurm) -> int:
     return int(re.search(r"CPUTot=(\d+)", slurm.scontrol("show", "node", slurm.nodes[0].name)).group(1))
+
+
+def test_gloo_binds_the_cluster_interface_only_when_the_hostname_is_loopback(slurm, monkeypatch):
+    from pipeline.train import distributed
+
+    bridge = slurm.net.controller_addr  # an address of this machine, on the bridge the cluster made
+    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "SLURM_LAUNCH_NODE_IPADDR": bridge}
+    monkeypatch.setattr(distributed.socket, "gethostname", lambda: "localhost")
+    assert distributed.gloo_interface(world) == slurm.net.bridge
+    assert distributed.gloo_interface({**world, "SLURM_LAUNCH_NODE_IPADDR": "", "MASTER_ADDR": bridge}) == \
+        slurm.net.bridge  # torchrun: towards the master
+    assert distributed.gloo_interface({**world, "GLOO_SOCKET_IFNAME": "eth7"}) is None  # the user's choice
+    assert distributed.gloo_interface({**world, "WORLD_SIZE": "1"}) is None
+    assert distributed.gloo_interface({**world, "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1"}) is None  # all local
+    monkeypatch.setattr(distributed.socket, "gethostname", lambda: bridge)  # a name that resolves off loopback
+    assert distributed.gloo_interface(world) is None
