@@ -9,8 +9,10 @@ what :meth:`create` made.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -47,10 +49,13 @@ class Network:
 
     @staticmethod
     def _unused_subnet() -> str:
-        used = _ip("-4", "-o", "addr") + _ip("-4", "route", "show", "table", "all")
+        """A 10.x.y (/24) overlapping no address or route of the machine (any table)."""
+        text = _ip("-4", "-o", "addr") + _ip("-4", "route", "show", "table", "all")
+        used = [ipaddress.ip_network(m, strict=False)
+                for m in re.findall(r"(?<![\d.])(\d+\.\d+\.\d+\.\d+(?:/\d+)?)", text)]
         for _ in range(100):
             subnet = f"10.{random.randint(100, 254)}.{random.randint(0, 254)}"
-            if f" {subnet}." not in used:
+            if not any(ipaddress.ip_network(f"{subnet}.0/24").overlaps(net) for net in used):
                 return subnet
         raise RuntimeError("no unused 10.x.y.0/24 subnet found for the test cluster")
 
