@@ -51,6 +51,25 @@ def tensorboard(run_dir: Path):
     return acc
 
 
+@pytest.mark.parametrize("start", [0, 2])
+def test_a_rerun_logs_each_step_once(tmp_path, start):
+    """Killed after logging steps 1..4 (with a checkpoint at ``start``, or before the first one),
+    the rerun logs from ``start + 1``: TensorBoard and metrics.jsonl hold each step once."""
+    from pipeline.train.monitor import Monitor
+
+    first = Monitor(tmp_path, 0, True)
+    for step in range(1, 5):
+        first.scalars(step, {"train/loss": 10.0 + step})
+    first.flush()  # no close: the process was killed
+    second = Monitor(tmp_path, start, True)
+    for step in range(start + 1, 7):
+        second.scalars(step, {"train/loss": float(step)})
+    second.close()
+    expected = [10.0 + s for s in range(1, start + 1)] + [float(s) for s in range(start + 1, 7)]
+    assert [(e.step, e.value) for e in tensorboard(tmp_path).Scalars("train/loss")] == list(zip(range(1, 7), expected))
+    assert [(m["step"], m["train/loss"]) for m in metrics(tmp_path)] == list(zip(range(1, 7), expected))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
