@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     from pipeline.train.loop import train
+    from pipeline.train.ops import announce_op_builds
+    from pipeline.train.optim import build_ds_config, offloads_optimizer
 
     try:
+        announce_op_builds(offloads_optimizer(build_ds_config(cfg, world_size=1)))
         train(cfg)
     except ConfigError as err:  # found once the hardware is known (e.g. train.precision)
         print(f"config error: {err}", file=sys.stderr)
