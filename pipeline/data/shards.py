@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -187,10 +188,12 @@ def total_samples(sources: list[Source]) -> int | None:
 class _ProcessReader(io.RawIOBase):
     """stdout of a child started from an argv list; a failing exit is an error naming ``url``."""
 
-    def __init__(self, argv: list[str], url: str, shell: bool = False):
+    def __init__(self, argv: list[str] | str, url: str, shell: bool = False):
         super().__init__()
         self.url = url
-        self.proc = subprocess.Popen(argv, shell=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # stderr to a file, not a pipe: a chatty child must not block on a pipe nobody reads
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(argv, shell=shell, stdout=subprocess.PIPE, stderr=self.stderr)
 
     def readable(self) -> bool:
         return True
@@ -203,7 +206,8 @@ class _ProcessReader(io.RawIOBase):
 
     def _check(self, status: int) -> None:
         if status not in (0, -13, 141):  # 141 / -SIGPIPE: the reader stopped before the end
-            err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            self.stderr.seek(0)
+            err = self.stderr.read().decode(errors="replace").strip().splitlines()
             what = self.proc.args[0] if isinstance(self.proc.args, list) else "the pipe: command"
             raise OSError(f"{self.url}: {what} exited with status {status}: {err[-1] if err else 'no message'}")
 
@@ -215,7 +219,7 @@ class _ProcessReader(io.RawIOBase):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            self.proc.stderr.close()
+            self.stderr.close()
         super().close()
 
 
