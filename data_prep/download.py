@@ -171,8 +171,11 @@ def safe_extract_tar(tar: tarfile.TarFile, dest_dir: Path, archive: Path) -> Non
             raise DataPrepError(f"{archive}: member {m.name!r} is a device or fifo; not extracting")
     if hasattr(tarfile, "data_filter"):
         tar.extractall(dest_dir, members=members, filter="data")
-    else:
-        tar.extractall(dest_dir, members=members)
+        return
+    for m in members:  # what the data filter also does: no setuid/sticky or group/other write, our owner
+        m.mode &= 0o755
+        m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""
+    tar.extractall(dest_dir, members=members)
 
 
 def fetch_all(remotes, cache_dir, mirror: str | None = None, show_progress: bool = True) -> Path:

@@ -520,9 +520,13 @@ def test_extract_refuses_members_outside_the_target(tmp_path, monkeypatch, old_p
         monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
     dest = tmp_path / "dest" / "inner"
     dest.mkdir(parents=True)
-    good = _tar(tmp_path / "good.tar", [(tarfile.TarInfo("a/b.txt"), b"fine"), _link("a/c.txt", "b.txt")])
+    setuid = tarfile.TarInfo("a/run.sh")
+    setuid.mode = 0o6777
+    good = _tar(tmp_path / "good.tar", [(tarfile.TarInfo("a/b.txt"), b"fine"), _link("a/c.txt", "b.txt"),
+                                        (setuid, b"#!/bin/sh\n")])
     extract(good, dest)
     assert (dest / "a" / "b.txt").read_bytes() == b"fine" and (dest / "a" / "c.txt").read_bytes() == b"fine"
+    assert (dest / "a" / "run.sh").stat().st_mode & 0o7777 == 0o755  # no setuid/setgid, no group/other write
     cases = {"dotdot": ([(tarfile.TarInfo("../escaped.txt"), b"x")], "would be written outside"),
              "absolute": ([(tarfile.TarInfo(str(tmp_path / "abs.txt")), b"x")], "would be written outside"),
              "symlink": ([_link("up", "../../escaped.txt")], "points outside"),
@@ -534,7 +538,8 @@ def test_extract_refuses_members_outside_the_target(tmp_path, monkeypatch, old_p
         with pytest.raises(DataPrepError, match=message):
             extract(bad, dest)
         assert not (dest / "ok.txt").exists()  # checked before anything is written
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".txt") == ["b.txt", "c.txt"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".txt", ".sh")) == \
+        ["b.txt", "c.txt", "run.sh"]
 
 
 def _zip(files: dict) -> bytes:
