@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, load_config
+from pipeline.data.shards import allow_pipe_shards, check_shard_spec
 from pipeline.models import build_model, model_entry
 
 
@@ -32,6 +33,7 @@ def _open_run(args):
     shards = args.shards or cfg.eval.shards
     if not shards:
         raise SystemExit("error: no evaluation shards: pass --shards or set eval.shards in the run's config")
+    check_shard_spec(shards, "--shards" if args.shards else f"eval.shards (in {run / 'config.yaml'})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return run, cfg, shards, device
 
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ret.add_argument("--batch-size", type=int, default=64)
     ret.add_argument("--device", default=None)
     ret.add_argument("--out", default=None, help="metrics JSON (default: RUN/eval.json)")
+    ret.add_argument("--allow-pipe-shards", action="store_true",
+                     help="let pipe:CMD shard specs run CMD in a shell (refused otherwise; never set by a config)")
     cap = sub.add_parser("caption", help="captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)")
     cap.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
     cap.add_argument("--checkpoint", help="checkpoint tag directory or checkpoints dir (default: newest in --run)")
@@ -146,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="also score the model as training starts it (connector untrained), stored as 'untrained'")
     cap.add_argument("--device", default=None)
     cap.add_argument("--out", default=None, help="metrics JSON (default: RUN/eval.json)")
+    cap.add_argument("--allow-pipe-shards", action="store_true",
+                     help="let pipe:CMD shard specs run CMD in a shell (refused otherwise; never set by a config)")
     args = parser.parse_args(argv)
+    allow_pipe_shards(args.allow_pipe_shards)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return {"retrieval": _retrieval, "caption": _caption}[args.task](args)
