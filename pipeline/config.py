@@ -274,8 +274,7 @@ def from_dict(data: dict, run_imports: bool = True) -> ExperimentConfig:
             raise
         raise ConfigError(f"{err} (this config's imports: {data['imports']} were not imported: a config read "
                           "from a run directory runs no code)") from None
-    cfg = _from_dict(_ExperimentRest, data, "")
-    cfg = ExperimentConfig(model=model, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    cfg = _from_dict(ExperimentConfig, {**data, "model": model}, "")  # ``model: Any`` takes it as it is
     check(cfg)
     return cfg
 
@@ -294,16 +293,6 @@ def check(cfg: ExperimentConfig) -> None:
     if size is not None and size != cfg.data.image_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size} differs from model.vision.image_size={size}: "
                           "the ViT's patch grid and position embeddings are built for the latter; set both")
-
-
-@dataclass
-class _ExperimentRest:  # ExperimentConfig without its tagged-union model section
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
-    imports: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- files and overrides

@@ -40,7 +40,7 @@ from pipeline.device import pick_device
 from pipeline.models import build_model
 from pipeline.tokens.plan import ReductionConfig
 
-from .optim import build_ds_config
+from .optim import DTYPES, build_ds_config
 from .profile import measure_step
 
 log = logging.getLogger("pipeline.autobatch")
@@ -281,7 +281,7 @@ def search(cfg: ExperimentConfig, *, device: torch.device, world_size: int,
     budget = parse_budget(cfg.autobatch)
     if budget == "off":
         raise ConfigError("autobatch.budget: is off; set free, baseline or a number of GiB")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
+    dtype = DTYPES[cfg.train.precision]
     stage = int(build_ds_config(cfg, world_size).get("zero_optimization", {}).get("stage", 0))
 
     def built(model_cfg) -> torch.nn.Module:

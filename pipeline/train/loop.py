@@ -25,11 +25,9 @@ from . import autobatch as ab
 from . import checkpoint as ckpt
 from .distributed import DistInfo, setup_distributed
 from .monitor import Monitor, kept_patch_grid, peak_memory_gb
-from .optim import build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
+from .optim import DTYPES, build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
 
 log = logging.getLogger("pipeline.train")
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class StopFlag:
