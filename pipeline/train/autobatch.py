@@ -43,7 +43,7 @@ from pipeline.tokens.plan import ReductionConfig
 from .optim import DTYPES, build_ds_config
 from .profile import measure_step
 
-log = logging.getLogger("pipeline.autobatch")
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 MIN_BATCH = 2  # ITM hard negatives need two samples: no probe goes below this
