@@ -281,18 +281,14 @@ def from_dict(data: dict, run_imports: bool = True) -> ExperimentConfig:
 
 def check(cfg: ExperimentConfig) -> None:
     """What can be refused before any model is built or any rank starts: the model section's
-    own checks (:func:`pipeline.models.checks.check_model_config`) and sections that must agree."""
+    own checks (:func:`pipeline.models.checks.check_model_config`) and its agreement with the
+    data section."""
     from pipeline.models.checks import check_model_config
 
     try:
-        check_model_config(cfg.model)
+        check_model_config(cfg.model, image_size=cfg.data.image_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    vision = getattr(cfg.model, "vision", None)
-    size = getattr(vision, "image_size", None)
-    if size is not None and size != cfg.data.image_size:
-        raise ConfigError(f"data.image_size={cfg.data.image_size} differs from model.vision.image_size={size}: "
-                          "the ViT's patch grid and position embeddings are built for the latter; set both")
 
 
 # --------------------------------------------------------------------------- files and overrides

@@ -23,13 +23,18 @@ def vit_depth_and_patches(cfg: VitConfig) -> tuple[int, int]:
     return len(vit.blocks), vit.patch_embed.num_patches
 
 
-def check_model_config(cfg, prefix: str = "model") -> None:
+def check_model_config(cfg, image_size: int, prefix: str = "model") -> None:
     """Raise ValueError, starting with the dotted key, for the first value of the model section
-    that the model would refuse while it is built: each ViT's token-reduction plan against its
+    that the model would refuse while it is built or at its first step: each ViT's size against
+    the images the data section makes (``image_size``), its token-reduction plan against its
     depth and patch count, each text encoder's ``prune``, and ELIP with learned text pruning."""
-    for f in dataclasses.fields(cfg):
-        value, key = getattr(cfg, f.name), f"{prefix}.{f.name}"
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for name, value in sections.items():
+        key = f"{prefix}.{name}"
         if isinstance(value, VitConfig):
+            if value.image_size != image_size:
+                raise ValueError(f"data.image_size={image_size} differs from {key}.image_size={value.image_size}: "
+                                 "the ViT's patch grid and position embeddings are built for the latter; set both")
             try:
                 depth, patches = vit_depth_and_patches(value)
             except (RuntimeError, TypeError, AttributeError) as err:  # timm: unknown name, bad kwargs
@@ -44,6 +49,5 @@ def check_model_config(cfg, prefix: str = "model") -> None:
                 check_prune(value.prune, value.text_layers)
             except ValueError as err:  # "text.prune.<key>...": the key below the model section
                 raise ValueError(f"{prefix}.{err}") from None
-    vision, text = (getattr(cfg, name, None) for name in ("vision", "text"))
-    if isinstance(vision, VitConfig) and isinstance(text, TextConfig):
+    if isinstance(sections.get("vision"), VitConfig) and isinstance(sections.get("text"), TextConfig):
         check_guidance(cfg)  # its message names both keys
