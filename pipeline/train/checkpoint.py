@@ -30,6 +30,7 @@ from pipeline.models.weights import LATEST, MARKER, complete_tags, find_checkpoi
 
 log = logging.getLogger(__name__)
 
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
