@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from pipeline.config import load_config
+from pipeline.models import weights
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import map_launcher_env
 from tests.helpers_train import ToyConfig, ToyModel, repo_root, subprocess_env, toy_config_dict, write_shards
@@ -104,8 +105,8 @@ def test_zero2_two_ranks_resume_equals_straight_run(setup):
     assert a[-1]["train/loss"] < a[0]["train/loss"]  # it learns
     assert a[-1]["data/skipped_samples"] >= 1  # the corrupt JPEG was skipped, counted, training went on
 
-    sa = ckpt.consolidated_state_dict(ckpt.find_latest(root / "straight" / "checkpoints"))
-    sb = ckpt.consolidated_state_dict(ckpt.find_latest(root / "resumed" / "checkpoints"))
+    sa = weights.consolidated_state_dict(ckpt.find_latest(root / "straight" / "checkpoints"))
+    sb = weights.consolidated_state_dict(ckpt.find_latest(root / "resumed" / "checkpoints"))
     assert sa.keys() == sb.keys() and "patch.weight" in sa and "frozen.weight" not in sa  # frozen excluded
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6)
@@ -123,7 +124,7 @@ def test_zero2_two_ranks_resume_equals_straight_run(setup):
     assert json.loads((run / "status.json").read_text()) | {"time": 0} == {
         "state": "finished", "step": 12, "time": 0, "total_steps": 12}
     model = ToyModel(ToyConfig())
-    tag = ckpt.load_weights(model, run)
+    tag = weights.load_weights(model, run)
     assert tag.name == "step00000012"
     torch.testing.assert_close(model.patch.weight, sa["patch.weight"])
     kept = [d.name for d in (root / "straight" / "checkpoints").iterdir() if d.is_dir()]
@@ -146,7 +147,7 @@ def test_zero3_bf16_with_accumulation_trains_saves_and_resumes(setup):
     assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
     assert [d.name for d in (root / "zero3" / "checkpoints").iterdir() if d.is_dir()] == ["step00000006"]
     model = ToyModel(ToyConfig())
-    ckpt.load_weights(model, root / "zero3")
+    weights.load_weights(model, root / "zero3")
 
 
 def test_first_start_names_the_ops_it_will_compile(tmp_path, monkeypatch):
