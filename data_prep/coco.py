@@ -18,13 +18,18 @@ EXPECTED = ("COCO captions JSON: the official {'images': [...], 'annotations': [
             "[{'image': 'train2014/...jpg', 'caption': str or [str]}]")
 SUBDIRS = ("train2014", "val2014", "test2014")
 _BLIP = "https://storage.googleapis.com/sfr-vision-language-research/datasets"
-# COCO publishes no checksums for its zips; BLIP's Karpathy-split files are the ALBEF/BLIP
-# pre-training annotations, the ELIP recipe's COCO input.
+# cocodataset.org publishes no checksums: the sizes and sha256 of its zips are those recorded
+# by tensorflow-datasets (url_checksums/coco2014.txt and coco.txt agree). BLIP's Karpathy-split
+# files (the ALBEF/BLIP pre-training annotations, the ELIP recipe's COCO input) have no
+# published size or checksum anywhere we found, so they are not verified.
 DOWNLOADS = {
-    "images": [download.Remote("http://images.cocodataset.org/zips/train2014.zip", extract=True),
-               download.Remote("http://images.cocodataset.org/zips/val2014.zip", extract=True)],
+    "images": [download.Remote("http://images.cocodataset.org/zips/train2014.zip", extract=True, size=13510573713,
+                               sha256="ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775"),
+               download.Remote("http://images.cocodataset.org/zips/val2014.zip", extract=True, size=6645013297,
+                               sha256="fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0")],
     "official": download.Remote("http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
-                                extract=True),
+                                extract=True, size=252872794,
+                                sha256="031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009"),
     "karpathy": {s: download.Remote(f"{_BLIP}/coco_karpathy_{s}.json") for s in ("train", "val", "test")},
 }
 

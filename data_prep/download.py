@@ -2,12 +2,14 @@
 
 A download streams into ``NAME.part`` and resumes it with an HTTP ``Range`` request after
 an interruption (in the same run, up to ``retries`` times, or in a later run). The file is
-renamed to ``NAME`` only once complete and, where a checksum is published, verified; so an
-existing ``NAME`` is trusted and never fetched again.
+renamed to ``NAME`` only once complete and verified against the published size and checksums
+(where there are any). An existing ``NAME`` is verified again on every run (a file damaged
+on disk, or copied in by hand, is not trusted); one that fails is deleted and downloaded again.
 """
 import hashlib
 import http.client
 import os
+import sys
 import tarfile
 import time
 import urllib.error
@@ -31,6 +33,7 @@ class Remote:
     md5: str | None = None
     sha256: str | None = None
     extract: bool = False
+    size: int | None = None  # bytes, where published
 
     @property
     def filename(self) -> str:
@@ -73,16 +76,32 @@ def _digest(path: Path, algo: str) -> str:
     return h.hexdigest()
 
 
-def fetch(url: str, dest, md5: str | None = None, sha256: str | None = None, retries: int = 3,
-          timeout: float = 60, show_progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` (resuming ``dest.part``) and verify the checksum.
+def _mismatch(path: Path, md5: str | None, sha256: str | None, size: int | None) -> str | None:
+    """Why ``path`` is not the published file (``None`` when it matches, or nothing is published)."""
+    if size is not None and path.stat().st_size != size:
+        return f"size {path.stat().st_size} bytes, expected {size}"
+    for algo, expected in (("md5", md5), ("sha256", sha256)):
+        if expected and (got := _digest(path, algo)) != expected.lower():
+            return f"{algo} checksum mismatch (expected {expected}, got {got})"
+    return None
 
-    Raises :class:`DataPrepError` on an HTTP error status, on a checksum mismatch (the bad
-    file is deleted) or when the connection keeps failing (the partial file is kept).
+
+def fetch(url: str, dest, md5: str | None = None, sha256: str | None = None, retries: int = 3,
+          timeout: float = 60, show_progress: bool = True, size: int | None = None) -> Path:
+    """Download ``url`` to ``dest`` (resuming ``dest.part``) and verify its size and checksums.
+
+    An existing ``dest`` is verified first and downloaded again when it fails. Raises
+    :class:`DataPrepError` on an HTTP error status, on a size or checksum mismatch of the
+    download (the bad file is deleted) or when the connection keeps failing (the partial file
+    is kept).
     """
     dest = Path(dest)
     if dest.exists():
-        return dest
+        problem = _mismatch(dest, md5, sha256, size)
+        if problem is None:
+            return dest
+        print(f"data_prep: {dest}: {problem}; deleting it and downloading it again", file=sys.stderr)
+        dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):
@@ -102,12 +121,10 @@ def fetch(url: str, dest, md5: str | None = None, sha256: str | None = None, ret
             raise DataPrepError(f"download failed: {url}: {last} ({retries + 1} attempts); "
                                 f"{kept} bytes kept in {part}, re-run to resume")
         time.sleep(min(0.5 * 2 ** attempt, 10))
-    for algo, expected in (("md5", md5), ("sha256", sha256)):
-        if expected and _digest(part, algo) != expected.lower():
-            got = _digest(part, algo)
-            part.unlink()
-            raise DataPrepError(f"{dest.name}: {algo} checksum mismatch (expected {expected}, got {got}) "
-                                f"for {url}; the file was deleted, re-run to download it again")
+    problem = _mismatch(part, md5, sha256, size)
+    if problem is not None:
+        part.unlink()
+        raise DataPrepError(f"{dest.name}: {problem} for {url}; the file was deleted, re-run to download it again")
     os.replace(part, dest)
     return dest
 
@@ -123,12 +140,42 @@ def extract(archive: Path, dest_dir: Path) -> None:
                 z.extractall(dest_dir)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as t:
-                t.extractall(dest_dir, filter="data")  # refuses absolute paths and '..'
+                safe_extract_tar(t, dest_dir, archive)
         else:
             raise DataPrepError(f"{archive}: expected a zip or tar archive")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
         raise DataPrepError(f"{archive}: damaged archive ({err}); delete it and re-run") from None
     marker.write_text("")
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+def safe_extract_tar(tar: tarfile.TarFile, dest_dir: Path, archive: Path) -> None:
+    """``tar.extractall`` that refuses absolute or ``..`` members, links pointing outside
+    ``dest_dir`` and device files, on every Python: ``extractall(filter="data")`` does the same
+    but exists only from Python 3.10.12 / 3.11.4, below the ``requires-python`` floor."""
+    root = os.path.realpath(dest_dir)
+    members = tar.getmembers()
+    for m in members:
+        target = os.path.join(root, m.name)
+        if os.path.isabs(m.name) or ".." in Path(m.name).parts or not _inside(root, target):
+            raise DataPrepError(f"{archive}: member {m.name!r} would be written outside {dest_dir}; not extracting")
+        if m.issym() or m.islnk():
+            base = os.path.dirname(target) if m.issym() else root
+            if os.path.isabs(m.linkname) or not _inside(root, os.path.join(base, m.linkname)):
+                raise DataPrepError(f"{archive}: link {m.name!r} -> {m.linkname!r} points outside {dest_dir}; "
+                                    "not extracting")
+        elif not (m.isfile() or m.isdir()):
+            raise DataPrepError(f"{archive}: member {m.name!r} is a device or fifo; not extracting")
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest_dir, members=members, filter="data")
+        return
+    for m in members:  # what the data filter also does: no setuid/sticky or group/other write, our owner
+        m.mode &= 0o755
+        m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""
+    tar.extractall(dest_dir, members=members)
 
 
 def fetch_all(remotes, cache_dir, mirror: str | None = None, show_progress: bool = True) -> Path:
@@ -137,7 +184,7 @@ def fetch_all(remotes, cache_dir, mirror: str | None = None, show_progress: bool
     cache_dir.mkdir(parents=True, exist_ok=True)
     for remote in remotes:
         path = fetch(resolve_url(remote.url, mirror), cache_dir / remote.filename, md5=remote.md5,
-                     sha256=remote.sha256, show_progress=show_progress)
+                     sha256=remote.sha256, show_progress=show_progress, size=remote.size)
         if remote.extract:
             extract(path, cache_dir)
     return cache_dir

@@ -165,4 +165,4 @@ def run(args) -> dict:
         parse_failures=parsed.failures, parse_examples=parsed.examples,
         extra={"split": split, "eval": is_eval, "num_frames": args.frames},
         workers=args.workers or os.cpu_count() or 1, overwrite=args.overwrite, min_shards=args.min_shards,
-        show_progress=not args.no_progress)
+        show_progress=not args.no_progress, part=args.part)

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from pipeline.eval.profile import measure_step, median_wall, peak_cuda_bytes, timed_call
+from pipeline.device import pick_device
+from pipeline.train.profile import measure_step, median_wall, peak_cuda_bytes, timed_call
 
 BASELINE = "none"
 
@@ -182,7 +183,7 @@ def _describe(methods: dict) -> str:
 def bench_tokens(args) -> list[dict]:
     from pipeline.models.vit import VisionEncoder, VitConfig
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     batch = args.batch or (2 if args.quick else 8)
     repeats = args.repeats or (3 if args.quick else 5)
     gen = torch.Generator().manual_seed(0)
@@ -338,7 +339,7 @@ def _batch_repeats(args) -> tuple[int, int]:
 
 
 def bench_step(args) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     batch, repeats = _batch_repeats(args)
     only = args.methods.split(",") if args.methods else None
     cases, methods, size = step_cases(args.backbone, batch, device, args.image_size, only)
@@ -368,7 +369,7 @@ TABLE_COLUMNS = [
 
 def bench_table(args) -> list[dict]:
     """The paper's Table 1 for every backbone x reduction, each backbone's methods side by side."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     batch, repeats = _batch_repeats(args)
     backbones = args.backbones.split(",")
     print(f"[bench] table: one full pre-training step (all losses, forward + backward) per backbone and "
@@ -522,7 +523,7 @@ def evlgen_flops_split(model, data: dict) -> dict[str, int]:
 def bench_evlgen(args) -> list[dict]:
     from pipeline.models import build_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     size = "quick" if args.quick else args.size
     batch = args.batch or 2
     repeats = args.repeats or (1 if size != "paper" else 3)
@@ -572,15 +573,15 @@ AUTOBATCH_TARGET = 1.35  # ELIP admits at least this times the unpruned batch (p
 
 def bench_autobatch(args) -> list[dict]:
     """Under one budget -- the unpruned model's memory at ``--batch`` (the paper's 40) -- the
-    micro-batch each reduction admits, found by :mod:`pipeline.autobatch` (CUDA peak on GPU,
+    micro-batch each reduction admits, found by :mod:`pipeline.train.autobatch` (CUDA peak on GPU,
     saved bytes on CPU). ``--quick`` fits each method's line from probes at batch 2 and 4 and
     reads the answer off it; saved bytes are exactly linear in the batch, so on CPU it matches
     the verified search at a fraction of the cost."""
-    from pipeline import autobatch as ab
+    from pipeline.train import autobatch as ab
     from pipeline.config import ExperimentConfig
     from pipeline.models import build_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     precision = "bf16" if device.type == "cuda" else "fp32"
     batch = args.batch or 40  # the paper's ALBEF batch per GPU

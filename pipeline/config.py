@@ -12,9 +12,8 @@ Every error names the dotted key it is about: an unknown key, a wrong type, a mi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +21,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from pipeline.files import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -102,7 +104,7 @@ class EvalConfig:
 
 @dataclass
 class AutobatchConfig:
-    # Micro-batch search before training (python -m pipeline.autobatch does it alone):
+    # Micro-batch search before training (python -m pipeline.train.autobatch does it alone):
     # off | free (the device's free memory less ``margin``) | baseline (what the unpruned model
     # needs at data.batch_size: ELIP+'s "same memory, bigger batch") | a number of GiB.
     budget: str | float = "off"
@@ -132,114 +134,92 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- typing
 
 
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+def _forbid_unknown_keys(tp: Any, seen: set) -> None:
+    """Give every dataclass reachable from ``tp`` pydantic's ``extra="forbid"`` (an unknown
+    key is an error) unless it declares a pydantic config of its own."""
+    for arg in typing.get_args(tp):
+        _forbid_unknown_keys(arg, seen)
+    if not dataclasses.is_dataclass(tp) or tp in seen:
+        return
+    seen.add(tp)
+    if "__pydantic_config__" not in vars(tp):
+        tp.__pydantic_config__ = ConfigDict(extra="forbid")
+    for hint in typing.get_type_hints(tp).values():
+        _forbid_unknown_keys(hint, seen)
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(cls: type) -> TypeAdapter:
+    _forbid_unknown_keys(cls, set())
+    return TypeAdapter(cls)
+
+
+def _dotted(prefix: str, loc: tuple) -> str:
+    key = prefix
+    for part in loc:
+        key = f"{key}[{part}]" if isinstance(part, int) else (f"{key}.{part}" if key else str(part))
+    return key or "config"
+
+
+def _field_type(cls: type, loc: tuple) -> Any:
+    """The annotation at field path ``loc`` below dataclass ``cls`` (None where the path leaves
+    the dataclasses, e.g. a union member's tag)."""
+    tp: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            args = typing.get_args(tp)
+            tp = args[0] if args else Any
+            continue
+        candidates = [tp, *typing.get_args(tp)]
+        owner = next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+        if owner is None or part not in {f.name for f in dataclasses.fields(owner)}:
+            return None
+        tp = typing.get_type_hints(owner)[part]
+    return tp
 
 
 def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against (and converted to) the annotation ``tp``; errors name ``key``."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: must not be null (expected {_type_name(tp)})")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
-    if origin in (list, Sequence, typing.Sequence) or tp is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = args or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        kt, vt = args or (Any, Any)
-        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected a bool (true/false), got {type(value).__name__} {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an int, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML (YAML 1.1) reads '1e-4' as a string; accept strings that are plain numbers.
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            return float(value)
-        raise ConfigError(f"{key}: expected a float, got {type(value).__name__} {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+_EXPECTED = {"int": "an int", "float": "a float", "bool": "a bool (true/false)", "string": "a string",
+             "list": "a list", "tuple": "a list", "dict": "a mapping", "dataclass": "a mapping"}
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def _message(cls: type, prefix: str, errors: list[dict]) -> str:
+    """One line for pydantic's first error, starting with the dotted key it is about."""
+    err = errors[0]
+    loc = tuple(err["loc"])
+    # a union reports one error per member, each under the member's tag: name the field instead
+    while loc and _field_type(cls, loc) is None and not (err["type"] == "unexpected_keyword_argument"):
+        loc = loc[:-1]
+    key, kind, value = _dotted(prefix, loc), err["type"], err.get("input")
+    got = f"got {type(value).__name__} {value!r}"
+    if kind == "unexpected_keyword_argument":
+        owner = _field_type(cls, loc[:-1])
+        owner = next((c for c in (owner, *typing.get_args(owner)) if dataclasses.is_dataclass(c)), None)
+        known = sorted(f.name for f in dataclasses.fields(owner)) if owner else []
+        return f"{key}: unknown key; known keys of {_dotted(prefix, loc[:-1])}: {known}"
+    if kind in ("missing", "missing_argument"):
+        return f"{key}: required key is missing"
+    if kind == "literal_error":
+        return f"{key}: expected one of {list(typing.get_args(_field_type(cls, loc)))}, {got}"
+    if kind == "value_error":  # a dataclass' own __post_init__ check
+        return f"{key}: {err['ctx']['error']}"
+    if len(errors) > 1 and tuple(errors[1]["loc"])[: len(loc)] == loc:
+        return f"{key}: expected {_type_name(_field_type(cls, loc))}, {got}"
+    base = kind.split("_")[0]
+    if base in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[base]}, {got}"
+    return f"{key}: {err['msg']}, {got}"
 
 
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping; missing keys take the defaults."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = _join(prefix, str(unknown[0]))
-        raise ConfigError(f"{key}: unknown key; known keys of {prefix or 'the config'}: {sorted(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = _join(prefix, name)
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key}: required key is missing")
+    """Dataclass ``cls`` validated from a mapping (pydantic); missing keys take the defaults."""
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:  # a dataclass' own __post_init__ validation
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"{prefix or 'config'}: {err}") from err
+        return _adapter(cls).validate_python({} if data is None else data)
+    except ValidationError as err:
+        raise ConfigError(_message(cls, prefix, err.errors())) from None
 
 
 def model_config_from_dict(data: Any, prefix: str = "model") -> Any:
@@ -275,27 +255,40 @@ def _import_plugins(modules: Any) -> None:
             raise ConfigError(f"imports[{i}]: cannot import {module!r}: {err}") from err
 
 
-def from_dict(data: dict) -> ExperimentConfig:
-    """A typed :class:`ExperimentConfig` from a plain mapping (as read from YAML)."""
+def from_dict(data: dict, run_imports: bool = True) -> ExperimentConfig:
+    """A typed :class:`ExperimentConfig` from a plain mapping (as read from YAML).
+
+    ``run_imports=False`` leaves the ``imports:`` modules unimported (a config from a run
+    directory someone else wrote must not run code); its model must then be a known one."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
     data = dict(data)
-    _import_plugins(data.get("imports"))
+    if run_imports:
+        _import_plugins(data.get("imports"))
     if "model" not in data:
         raise ConfigError("model: required section is missing")
-    model = model_config_from_dict(data.pop("model"))
-    cfg = _from_dict(_ExperimentRest, data, "")
-    return ExperimentConfig(model=model, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    try:
+        model = model_config_from_dict(data.pop("model"))
+    except ConfigError as err:
+        if run_imports or not data.get("imports"):
+            raise
+        raise ConfigError(f"{err} (this config's imports: {data['imports']} were not imported: a config read "
+                          "from a run directory runs no code)") from None
+    cfg = _from_dict(ExperimentConfig, {**data, "model": model}, "")  # ``model: Any`` takes it as it is
+    check(cfg)
+    return cfg
 
 
-@dataclass
-class _ExperimentRest:  # ExperimentConfig without its tagged-union model section
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
-    imports: list[str] = field(default_factory=list)
+def check(cfg: ExperimentConfig) -> None:
+    """What can be refused before any model is built or any rank starts: the model section's
+    own checks (:func:`pipeline.models.checks.check_model_config`) and its agreement with the
+    data section."""
+    from pipeline.models.checks import check_model_config
+
+    try:
+        check_model_config(cfg.model, image_size=cfg.data.image_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- files and overrides
@@ -351,8 +344,10 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a config (shipped name or path), apply overrides, and type-check it."""
+def load_config(name_or_path: str | Path, overrides: Sequence[str] = (), run_imports: bool = True) -> ExperimentConfig:
+    """Read a config (shipped name or path), apply overrides, and type-check it.
+
+    ``run_imports=False``: for a config that came with a run directory (see :func:`from_dict`)."""
     path = config_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -360,7 +355,7 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Expe
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return from_dict(apply_overrides(data, overrides))
+    return from_dict(apply_overrides(data, overrides), run_imports=run_imports)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -382,6 +377,4 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config (loadable again with :func:`load_config`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(path)
+    atomic_write_text(path, dump_config(cfg))

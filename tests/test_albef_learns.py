@@ -61,15 +61,15 @@ def test_init_from_copies_matching_weights_and_resyncs_the_teacher(tmp_path, mon
 
     from pipeline.config import load_config
     from pipeline.models import build_model
-    from pipeline.train import checkpoint as ckpt
+    from pipeline.models import weights
 
     torch.manual_seed(0)
     clip_state = build_model(load_config("tiny_clip").model).state_dict()
-    monkeypatch.setattr(ckpt, "find_checkpoint", lambda path: tmp_path)
-    monkeypatch.setattr(ckpt, "consolidated_state_dict", lambda tag_dir: clip_state)
+    monkeypatch.setattr(weights, "find_checkpoint", lambda path: tmp_path)
+    monkeypatch.setattr(weights, "consolidated_state_dict", lambda tag_dir: clip_state)
     torch.manual_seed(1)
     albef = build_model(load_config("tiny_albef_elip").model)
-    _, copied, kept = ckpt.init_from(albef, tmp_path)
+    _, copied, kept = weights.init_from(albef, tmp_path)
     albef.copy_params()
     assert "visual_encoder.pos_embed" in copied and "text_encoder.embeddings.word_embeddings.weight" in copied
     assert any(k.startswith("text_encoder.encoder.layer.2.crossattention.") for k in kept)  # CLIP has no fusion
@@ -81,7 +81,7 @@ def test_init_from_copies_matching_weights_and_resyncs_the_teacher(tmp_path, mon
     assert torch.equal(albef.text_proj_m.weight, clip_state["text_proj.weight"])
 
     with pytest.raises(ValueError, match="train.init_from"):
-        ckpt.init_from(torch.nn.Linear(3, 3), tmp_path)
+        weights.init_from(torch.nn.Linear(3, 3), tmp_path)
 
 
 def test_init_from_fills_the_known_rows_of_a_grown_vocabulary(tmp_path, monkeypatch):
@@ -90,17 +90,16 @@ def test_init_from_fills_the_known_rows_of_a_grown_vocabulary(tmp_path, monkeypa
     import torch
 
     from pipeline.config import load_config
-    from pipeline.models import build_model
-    from pipeline.train import checkpoint as ckpt
+    from pipeline.models import build_model, weights
 
     torch.manual_seed(0)
     clip_state = build_model(load_config("tiny_clip", ["model.text.text_layers=4"]).model).state_dict()
-    monkeypatch.setattr(ckpt, "find_checkpoint", lambda path: tmp_path)
-    monkeypatch.setattr(ckpt, "consolidated_state_dict", lambda tag_dir: clip_state)
+    monkeypatch.setattr(weights, "find_checkpoint", lambda path: tmp_path)
+    monkeypatch.setattr(weights, "consolidated_state_dict", lambda tag_dir: clip_state)
     blip = build_model(load_config("tiny_blip_elip").model)
     key = "text_encoder.embeddings.word_embeddings.weight"
     before = blip.state_dict()[key].clone()
-    _, copied, _ = ckpt.init_from(blip, tmp_path)
+    _, copied, _ = weights.init_from(blip, tmp_path)
     after, known = blip.state_dict()[key], clip_state[key].shape[0]
     assert key in copied and after.shape[0] > known
     assert torch.equal(after[:known], clip_state[key]) and torch.equal(after[known:], before[known:])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_prep import synthetic
-from pipeline import autobatch as ab
+from pipeline.train import autobatch as ab
 from pipeline.config import ConfigError, load_config
 from tests.helpers_train import repo_root, subprocess_env
 

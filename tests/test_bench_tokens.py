@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from pipeline.eval.profile import measure_step
+from pipeline.train.profile import measure_step
 
 
 def test_tokens_bench_json_rows_and_deterministic_targets():

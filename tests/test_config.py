@@ -107,6 +107,34 @@ def test_shipped_configs_type_check():
         load_config("tiny_albef_elip", ["model.vision.reduction.metod=tome"])
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["model.vision.reduction.lam=1.5"], "model.vision.reduction.lam"),
+    (["model.vision.reduction.method=flip"], "model.vision.reduction.method"),
+    (["model.vision.reduction.elip_mode=later"], "model.vision.reduction.elip_mode"),
+    (["model.vision.reduction.layers=[1, 9]"], "model.vision.reduction.layers[1]"),  # a 4-layer ViT
+    (["model.vision.reduction.ratios=[0.5]"], "model.vision.reduction.ratios"),  # two layers, one ratio
+    (["model.text.prune.strategy=top"], "model.text.prune.strategy"),
+    (["model.text.prune.strategy=post", "model.text.prune.ratio=1.5"], "model.text.prune.ratio"),
+    (["model.text.prune.strategy=learned"], "model.text.prune.strategy"),  # with ELIP: they guide each other
+    (["data.image_size=96"], "data.image_size"),
+    (["model.vision.model_name=no_such_vit"], "model.vision.model_name"),
+])
+def test_model_values_are_checked_when_the_config_loads(overrides, key):
+    """What the model would refuse while it is built is refused by load_config already."""
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_albef_elip", overrides)
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_cli_exits_2_naming_a_model_value_before_any_rank_starts(capsys, monkeypatch):
+    from pipeline.train import loop
+    from pipeline.train.__main__ import main
+
+    monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("training started"))
+    assert main(["--config", "tiny_albef_elip", "model.vision.reduction.lam=2"]) == 2
+    assert capsys.readouterr().err.startswith("config error: model.vision.reduction.lam=2")
+
+
 def test_cli_reports_config_errors_without_starting(toy_yaml, capsys):
     from pipeline.train.__main__ import main
 

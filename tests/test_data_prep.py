@@ -10,6 +10,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -470,6 +471,77 @@ def test_fetch_resumes_with_range_and_checks_checksums(tmp_path):
         assert fetch(f"{srv.url}/f", tmp_path / "f", md5=md5, show_progress=False).read_bytes() == blob
 
 
+def test_an_existing_download_is_verified_again(tmp_path, capsys):
+    blob = os.urandom(50_000)
+    md5, sha = hashlib.md5(blob).hexdigest(), hashlib.sha256(blob).hexdigest()
+    with http_server({"/f": blob}) as srv:
+        dest = write(tmp_path / "f", blob[:-1] + bytes([blob[-1] ^ 1]))  # damaged on disk, same size
+        assert fetch(f"{srv.url}/f", dest, sha256=sha, show_progress=False).read_bytes() == blob
+        assert len(srv.requests) == 1 and "sha256 checksum mismatch" in capsys.readouterr().err
+        assert fetch(f"{srv.url}/f", dest, md5=md5, sha256=sha, size=len(blob), show_progress=False) == dest
+        assert len(srv.requests) == 1  # an intact file is not fetched again
+        write(dest, blob[:1000])  # cut short: the size alone tells (no checksum published)
+        assert fetch(f"{srv.url}/f", dest, size=len(blob), show_progress=False).read_bytes() == blob
+        assert len(srv.requests) == 2 and "size 1000 bytes, expected 50000" in capsys.readouterr().err
+        with pytest.raises(DataPrepError, match="size 50000 bytes, expected 7 for"):
+            fetch(f"{srv.url}/f", tmp_path / "g", size=7, show_progress=False)
+        assert not (tmp_path / "g").exists() and not (tmp_path / "g.part").exists()
+
+
+def _tar(path: Path, members) -> Path:
+    """``members``: (TarInfo, bytes or None) pairs written as they are (no name cleaning)."""
+    with tarfile.open(path, "w") as t:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _link(name: str, target: str, kind=tarfile.SYMTYPE) -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+@pytest.mark.parametrize("old_python", [False, True], ids=["data_filter", "no_data_filter"])
+def test_extract_refuses_members_outside_the_target(tmp_path, monkeypatch, old_python):
+    from data_prep.download import extract
+
+    if old_python:  # Python < 3.10.12: no tarfile.data_filter and extractall() takes no filter=
+        monkeypatch.delattr(tarfile, "data_filter")
+        original = tarfile.TarFile.extractall
+
+        def extractall(self, path=".", members=None, *, numeric_owner=False, **kw):
+            if kw:
+                raise TypeError(f"extractall() got an unexpected keyword argument {next(iter(kw))!r}")
+            return original(self, path, members, numeric_owner=numeric_owner)
+
+        monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
+    dest = tmp_path / "dest" / "inner"
+    dest.mkdir(parents=True)
+    setuid = tarfile.TarInfo("a/run.sh")
+    setuid.mode = 0o6777
+    good = _tar(tmp_path / "good.tar", [(tarfile.TarInfo("a/b.txt"), b"fine"), _link("a/c.txt", "b.txt"),
+                                        (setuid, b"#!/bin/sh\n")])
+    extract(good, dest)
+    assert (dest / "a" / "b.txt").read_bytes() == b"fine" and (dest / "a" / "c.txt").read_bytes() == b"fine"
+    assert (dest / "a" / "run.sh").stat().st_mode & 0o7777 == 0o755  # no setuid/setgid, no group/other write
+    cases = {"dotdot": ([(tarfile.TarInfo("../escaped.txt"), b"x")], "would be written outside"),
+             "absolute": ([(tarfile.TarInfo(str(tmp_path / "abs.txt")), b"x")], "would be written outside"),
+             "symlink": ([_link("up", "../../escaped.txt")], "points outside"),
+             "abs_symlink": ([_link("etc", "/etc")], "points outside"),
+             "hardlink": ([_link("h", "../escaped.txt", tarfile.LNKTYPE)], "points outside"),
+             "device": ([_link("dev", "", tarfile.CHRTYPE)], "device or fifo")}
+    for name, (members, message) in cases.items():
+        bad = _tar(tmp_path / f"{name}.tar", [(tarfile.TarInfo("ok.txt"), b"ok"), *members])
+        with pytest.raises(DataPrepError, match=message):
+            extract(bad, dest)
+        assert not (dest / "ok.txt").exists()  # checked before anything is written
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".txt", ".sh")) == \
+        ["b.txt", "c.txt", "run.sh"]
+
+
 def _zip(files: dict) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -478,7 +550,9 @@ def _zip(files: dict) -> bytes:
     return buf.getvalue()
 
 
-def test_coco_download_from_mirror(tmp_path):
+def test_coco_download_from_mirror(tmp_path, capsys, monkeypatch):
+    from data_prep import coco
+
     train = {f"train2014/COCO_train2014_{i:012d}.jpg": jpeg(30 + i, 30) for i in range(1, 4)}
     val = {"val2014/COCO_val2014_000000000009.jpg": jpeg(33, 33)}
     karpathy = [{"image": "train2014/COCO_train2014_000000000001.jpg", "caption": "One!", "image_id": "coco_1"},
@@ -492,6 +566,17 @@ def test_coco_download_from_mirror(tmp_path):
              "/mirror/annotations_trainval2014.zip": _zip(official)}
     out = tmp_path / "out"
     with http_server(files) as srv:
+        # the official sizes and sha256 are checked: these stand-in zips are refused as they are
+        assert run("coco", "--download", "--mirror", f"{srv.url}/mirror/", "--out", out, *FAST) == 2
+        err = capsys.readouterr().err
+        assert f"annotations_trainval2014.zip: size {len(files['/mirror/annotations_trainval2014.zip'])} bytes, " \
+               "expected 252872794" in err
+        stand_ins = {name: replace(remote, size=len(files[f"/mirror/{remote.filename}"]),
+                                   sha256=hashlib.sha256(files[f"/mirror/{remote.filename}"]).hexdigest())
+                     for name, remote in (("official", coco.DOWNLOADS["official"]),
+                                          *((f"images{i}", r) for i, r in enumerate(coco.DOWNLOADS["images"])))}
+        monkeypatch.setitem(coco.DOWNLOADS, "official", stand_ins["official"])
+        monkeypatch.setitem(coco.DOWNLOADS, "images", [stand_ins["images0"], stand_ins["images1"]])
         srv.cut_once["/mirror/train2014.zip"] = 200
         assert run("coco", "--download", "--mirror", f"{srv.url}/mirror/", "--out", out, *FAST) == 0
         got = {v["json"]["image_id"]: v["txt"] for v in read_shards(out).values()}

@@ -2,6 +2,7 @@
 the label mask, a frozen LLM that gets no gradient, generation, the Q-Former baseline and the
 video variant's temporal modules."""
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from pipeline.models.evlgen import EVLGen, LLMConfig
 from pipeline.models.video import FrozenVision, VideoConfig
 from pipeline.models.vit import VitConfig
 from pipeline.train.optim import build_optimizer
-from tests.helpers_evlgen import tiny_config, tiny_llm
+from tests.helpers_evlgen import TINY_LLAMA, tiny_config, tiny_llm
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64)
 CAPTIONS = ["a red circle at the top left", "two blue squares in the bottom right and a green triangle at the top left"]
@@ -175,6 +176,44 @@ def test_qformer_connector_trains_the_same_way(llms):
     out = model({"image": images(), "text": CAPTIONS})
     out["loss"].backward()
     assert model.connector.query_tokens.grad is not None and out["tokens_per_layer"] == [16, 16, 16]
+
+
+def vicuna_style_dir(out) -> str:
+    """A LLaMA directory laid out as Vicuna's: weights, config, ``tokenizer_config.json`` and a
+    sentencepiece ``tokenizer.model`` (trained here on a few sentences), no ``tokenizer.json``."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True)
+    # byte fallback as in LLaMA's tokenizer: "\n" (the caption end) is the byte piece <0x0A>
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CAPTIONS + ["a picture of", "a photo of a yellow star"]),
+        model_prefix=str(out / "tokenizer"), model_type="bpe", vocab_size=300, hard_vocab_limit=False,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2)
+    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+         "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, bos_token_id=1, eos_token_id=2, **{
+        k: v for k, v in TINY_LLAMA.items() if k != "model_type"})).save_pretrained(out)
+    return str(out)
+
+
+def test_a_vicuna_directory_with_only_a_sentencepiece_model_loads(tmp_path):
+    llm_dir = vicuna_style_dir(tmp_path / "vicuna")
+    assert sorted(p.name for p in Path(llm_dir).iterdir() if p.name.startswith("tokenizer")) == \
+        ["tokenizer.model", "tokenizer_config.json"]
+    model = build(llm_dir, prompt="a picture of")
+    tok = model.tokenizer
+    ids = tok("a red circle at the top left\n").input_ids
+    assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=True) == "a red circle at the top left\n"
+    assert model.newline_id == tok.convert_tokens_to_ids("<0x0A>")
+    loss = model({"image": images(), "text": CAPTIONS})["loss"]
+    assert torch.isfinite(loss)
 
 
 def test_unsupported_llm_or_missing_directory_is_a_clear_error(llms, tmp_path):

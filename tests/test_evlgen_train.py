@@ -11,6 +11,7 @@ import pytest
 
 from data_prep import synthetic
 from pipeline.eval.__main__ import main as eval_main
+from pipeline.models import weights
 from pipeline.train import checkpoint as ckpt
 from tests.helpers_evlgen import tiny_llm
 from tests.helpers_train import repo_root, subprocess_env
@@ -42,7 +43,7 @@ def test_tiny_evlgen_two_ranks_learns_to_caption_and_reloads_without_frozen_weig
     assert history[-1]["step"] == STEPS and history[-1]["num_images"] == 40  # both ranks' captions
 
     # the checkpoint holds the trainable part only: the frozen ViT and LLM come from their own files
-    state = ckpt.consolidated_state_dict(ckpt.find_latest(run / "checkpoints"))
+    state = weights.consolidated_state_dict(ckpt.find_latest(run / "checkpoints"))
     assert any(k.startswith("connector.") for k in state) and "llm_proj.weight" in state
     assert not any(k.startswith(("llm.", "vision.vit.")) for k in state)
 

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from pipeline.config import load_config
+from pipeline.models import weights
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import map_launcher_env
 from tests.helpers_train import ToyConfig, ToyModel, repo_root, subprocess_env, toy_config_dict, write_shards
@@ -51,6 +52,25 @@ def tensorboard(run_dir: Path):
     return acc
 
 
+@pytest.mark.parametrize("start", [0, 2])
+def test_a_rerun_logs_each_step_once(tmp_path, start):
+    """Killed after logging steps 1..4 (with a checkpoint at ``start``, or before the first one),
+    the rerun logs from ``start + 1``: TensorBoard and metrics.jsonl hold each step once."""
+    from pipeline.train.monitor import Monitor
+
+    first = Monitor(tmp_path, 0, True)
+    for step in range(1, 5):
+        first.scalars(step, {"train/loss": 10.0 + step})
+    first.flush()  # no close: the process was killed
+    second = Monitor(tmp_path, start, True)
+    for step in range(start + 1, 7):
+        second.scalars(step, {"train/loss": float(step)})
+    second.close()
+    expected = [10.0 + s for s in range(1, start + 1)] + [float(s) for s in range(start + 1, 7)]
+    assert [(e.step, e.value) for e in tensorboard(tmp_path).Scalars("train/loss")] == list(zip(range(1, 7), expected))
+    assert [(m["step"], m["train/loss"]) for m in metrics(tmp_path)] == list(zip(range(1, 7), expected))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
@@ -85,8 +105,8 @@ def test_zero2_two_ranks_resume_equals_straight_run(setup):
     assert a[-1]["train/loss"] < a[0]["train/loss"]  # it learns
     assert a[-1]["data/skipped_samples"] >= 1  # the corrupt JPEG was skipped, counted, training went on
 
-    sa = ckpt.consolidated_state_dict(ckpt.find_latest(root / "straight" / "checkpoints"))
-    sb = ckpt.consolidated_state_dict(ckpt.find_latest(root / "resumed" / "checkpoints"))
+    sa = weights.consolidated_state_dict(ckpt.find_latest(root / "straight" / "checkpoints"))
+    sb = weights.consolidated_state_dict(ckpt.find_latest(root / "resumed" / "checkpoints"))
     assert sa.keys() == sb.keys() and "patch.weight" in sa and "frozen.weight" not in sa  # frozen excluded
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6)
@@ -104,7 +124,7 @@ def test_zero2_two_ranks_resume_equals_straight_run(setup):
     assert json.loads((run / "status.json").read_text()) | {"time": 0} == {
         "state": "finished", "step": 12, "time": 0, "total_steps": 12}
     model = ToyModel(ToyConfig())
-    tag = ckpt.load_weights(model, run)
+    tag = weights.load_weights(model, run)
     assert tag.name == "step00000012"
     torch.testing.assert_close(model.patch.weight, sa["patch.weight"])
     kept = [d.name for d in (root / "straight" / "checkpoints").iterdir() if d.is_dir()]
@@ -127,7 +147,55 @@ def test_zero3_bf16_with_accumulation_trains_saves_and_resumes(setup):
     assert [x["step"] for x in m] == [1, 2, 3, 4, 5, 6]
     assert [d.name for d in (root / "zero3" / "checkpoints").iterdir() if d.is_dir()] == ["step00000006"]
     model = ToyModel(ToyConfig())
-    ckpt.load_weights(model, root / "zero3")
+    weights.load_weights(model, root / "zero3")
+
+
+def test_first_start_names_the_ops_it_will_compile(tmp_path, monkeypatch):
+    import io
+
+    from pipeline.train.ops import announce_op_builds
+
+    def announce(offload: bool) -> tuple[list[str], str]:
+        out = io.StringIO()
+        return announce_op_builds(offload, stream=out), out.getvalue()
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert announce(True) == (["deepspeed_shm_comm", "cpu_adam"], (
+        "first start: DeepSpeed compiles deepspeed_shm_comm (shared-memory collectives for CPU ranks), "
+        "cpu_adam (CPU Adam for ZeRO-Offload), about 5.8 min on 2 CPU cores (less with more); once, "
+        f"cached in {tmp_path}\n"))
+    (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")  # built by an earlier start
+    names, line = announce(True)
+    assert names == ["deepspeed_shm_comm"] and "about 80 s" in line and "cpu_adam" not in line
+    assert announce(False)[0] == ["deepspeed_shm_comm"]
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one line per machine
+    assert announce(False) == (["deepspeed_shm_comm"], "")
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert announce(True) == ([], "")
+
+
+@pytest.mark.slow
+def test_zero3_offload_trains_and_checkpoints_on_cpu(setup):
+    """ZeRO-3 with optimizer and parameters offloaded, DeepSpeed's CPU Adam (compiled on the
+    first start of a machine, ~4.5 min on 2 cores, announced; cached after)."""
+    from pipeline.train.ops import ops_to_build
+
+    root, config = setup
+    to_build = ops_to_build(offload_optimizer=True)
+    cfg = config("offload", train={"deepspeed": "zero3_offload"}, optim={"max_steps": 3})
+    r = torchrun(cfg, timeout=900)
+    announced = [line for line in r.stderr.splitlines() if "first start: DeepSpeed compiles" in line]
+    assert len(announced) == (1 if to_build else 0)  # local rank 0 only
+    assert all(name in announced[0] for name in to_build)
+    assert ops_to_build(offload_optimizer=True) == []  # now in the cache
+    assert [x["step"] for x in metrics(root / "offload")] == [1, 2, 3]
+    assert json.loads((root / "offload" / "status.json").read_text())["state"] == "finished"
+    tag = ckpt.find_latest(root / "offload" / "checkpoints")
+    assert tag.name == "step00000003" and any(tag.glob("*zero_pp_rank_1_*optim_states.pt"))
+    model = ToyModel(ToyConfig())
+    ckpt.load_weights(model, root / "offload")
 
 
 @pytest.mark.slow

@@ -94,3 +94,28 @@ def test_loaders_batch_video_samples_as_frames(videos):
     batches = list(build_eval_loader(str(out), image_size=16, batch_size=2))
     assert [b["image"].shape for b in batches] == [(2, 4, 3, 16, 16), (1, 4, 3, 16, 16)]
     assert batches[0]["captions"][0] == ["a clip number 0", "the second caption of clip zero"]
+
+
+def tar_members(path) -> list:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_video_part_writes_only_its_own_shards(videos, tmp_path):
+    root, whole = videos
+    out = tmp_path / "parts"
+    common = ["video", "--annotations", str(root / "msrvtt.json"), "--videos", str(root), "--frames", "4",
+              "--split", "train", "--image-size", "24", "--out", str(out), "--shard-size", "2",
+              "--min-shards", "1", "--workers", "1", "--no-progress"]
+    assert data_prep_main(common + ["--part", "1/2"]) == 0
+    # 5 rows (two of them skipped while writing) in 3 shards: task 1 of 2 writes shard 1 only
+    assert sorted(p.name for p in out.glob("*.tar")) == ["video-000001.tar"]
+    assert not (out / "manifest.json").exists()
+    assert data_prep_main(common + ["--part", "0/2"]) == 0
+    names = [f"video-{i:06d}.tar" for i in range(3)]
+    assert sorted(p.name for p in out.glob("*.tar")) == names
+    for name in names:  # the same members as one task writing everything (tar headers hold mtimes)
+        assert tar_members(out / name) == tar_members(whole / name)
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 3

@@ -37,7 +37,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
-from .shards import parse_shard_spec, shard_weights, total_samples
+from .shards import parse_shard_spec, shard_weights, tarfile_to_samples, total_samples
 from .transforms import decode_image, eval_transform, pre_caption, train_transform
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class _TrainStream(IterableDataset):
         key = (self.seed, self.epoch, self.rank, worker)
 
         def read(urls, *shuffle_key):
-            samples = progress.samples(wds.tarfile_to_samples(handler=errors)(progress.urls(urls)))
+            samples = progress.samples(tarfile_to_samples(handler=errors)(progress.urls(urls)))
             if self.shuffle_buffer > 1:
                 rng = random.Random(_seed_of("buffer", *shuffle_key))
                 samples = _shuffle(samples, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
@@ -429,7 +429,7 @@ class _EvalStream(IterableDataset):
             lambda: iter([dict(url=u) for u in self.urls]),
             lambda src: _split(src, self.rank, self.world_size),  # split_by_node
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=errors),
+            tarfile_to_samples(handler=errors),
             wds.map(self._sample, handler=errors),
             wds.batched(self.batch_size, collation_fn=collate, partial=True),
         ))

@@ -4,19 +4,60 @@ A source is a brace pattern (``/data/cc3m/cc3m-{000000..000331}.tar``), a single
 directory written by ``data_prep`` (its ``manifest.json`` lists the shards). Sizes come from
 the directory's ``manifest.json`` (``shards: [{name, num_samples}]``) or open_clip's
 ``sizes.json`` (``{name: num_samples}``).
+
+Shards are local paths (or ``file:``), ``http(s)://``, ``s3://`` or ``gs://`` URLs, opened by
+:func:`open_shard` without a shell: webdataset 0.2's own opener runs ``curl '{url}'`` through
+``sh``, so a quote in a URL would run code. ``pipe:CMD`` specs run ``CMD`` in a shell and are
+refused unless the process opted in with :func:`allow_pipe_shards` (the CLIs'
+``--allow-pipe-shards`` flag; never a config value, since configs travel with downloaded runs).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Callable, Iterable, Iterator
+from urllib.parse import urlparse
 
 import braceexpand
+from webdataset.filters import pipelinefilter
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline.config import ConfigError
+
+REMOTE_SCHEMES = ("http", "https", "s3", "gs")
+_CLI = {"s3": ("aws", "s3", "cp", "--quiet"), "gs": ("gsutil", "-q", "cat")}  # + url (+ "-" for aws)
+_allow_pipe = False
 
 
-class ShardSpecError(ValueError):
-    pass
+class ShardSpecError(ConfigError):
+    """A shard spec that cannot be used; a ConfigError, so the CLIs exit 2 with its one line."""
+
+
+def allow_pipe_shards(allow: bool = True) -> None:
+    """Let ``pipe:`` specs run their shell command (the CLIs call this for ``--allow-pipe-shards``)."""
+    global _allow_pipe
+    _allow_pipe = bool(allow)
+
+
+def _check_url(url: str) -> None:
+    if url.startswith("pipe:"):
+        if not _allow_pipe:
+            raise ShardSpecError(f"{url!r}: a pipe: shard runs a shell command; refused unless "
+                                 "--allow-pipe-shards is passed on the command line")
+        return
+    scheme = urlparse(url).scheme
+    if "://" in url and scheme not in REMOTE_SCHEMES + ("file",):
+        raise ShardSpecError(f"{url!r}: unsupported URL scheme {scheme!r}; use a local path or "
+                             f"{'/'.join(REMOTE_SCHEMES)} URLs")
 
 
 @dataclass(frozen=True)
@@ -60,6 +101,10 @@ def _manifest_urls(directory: str) -> list[str]:
     return sorted(str(p) for p in Path(directory).glob("*.tar"))
 
 
+def _local(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url[len("file:"):] if url.startswith("file:") else url
+
+
 def expand_source(spec: str) -> Source:
     spec = spec.strip()
     if not spec:
@@ -70,6 +115,13 @@ def expand_source(spec: str) -> Source:
             raise ShardSpecError(f"{spec}: directory has no manifest.json shards and no *.tar files")
     else:
         urls = list(braceexpand.braceexpand(spec))
+        for url in urls:
+            _check_url(url)
+        local = [_local(u) for u in urls if not _is_remote(u)]
+        # some missing shards of a pattern are counted while reading; none at all is a wrong path
+        if local and not any(os.path.exists(u) for u in local):
+            what = "no such file or directory" if len(local) == 1 else f"none of its {len(local)} shards exists"
+            raise ShardSpecError(f"{spec}: {what}")
     sizes: list[int | None] = []
     cache: dict[str, dict[str, int]] = {}
     for url in urls:
@@ -96,6 +148,14 @@ def parse_shard_spec(spec: str, weights: list[float] | None = None) -> tuple[lis
     return sources, weights
 
 
+def check_shard_spec(spec: str, key: str, weights: list[float] | None = None) -> list[Source]:
+    """:func:`parse_shard_spec` with errors that name the config key or flag the spec came from."""
+    try:
+        return parse_shard_spec(spec, weights)[0]
+    except ShardSpecError as err:
+        raise ShardSpecError(f"{key}={spec!r}: {err}") from None
+
+
 def shard_weights(sources: list[Source], weights: list[float] | None) -> tuple[list[str], list[float]]:
     """All urls with the draw weight of each, for sampling shards with replacement.
 
@@ -120,3 +180,102 @@ def shard_weights(sources: list[Source], weights: list[float] | None) -> tuple[l
 def total_samples(sources: list[Source]) -> int | None:
     n = [s.num_samples for s in sources]
     return None if any(x is None for x in n) else int(sum(n))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- opening
+
+
+class _ProcessReader(io.RawIOBase):
+    """stdout of a child started from an argv list; a failing exit is an error naming ``url``."""
+
+    def __init__(self, argv: list[str] | str, url: str, shell: bool = False):
+        super().__init__()
+        self.url = url
+        # stderr to a file, not a pipe: a chatty child must not block on a pipe nobody reads
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(argv, shell=shell, stdout=subprocess.PIPE, stderr=self.stderr)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.proc.stdout.readinto(buffer)
+        if n == 0:
+            self._check(self.proc.wait())
+        return n
+
+    def _check(self, status: int) -> None:
+        if status not in (0, -13, 141):  # 141 / -SIGPIPE: the reader stopped before the end
+            self.stderr.seek(0)
+            err = self.stderr.read().decode(errors="replace").strip().splitlines()
+            what = self.proc.args[0] if isinstance(self.proc.args, list) else "the pipe: command"
+            raise OSError(f"{self.url}: {what} exited with status {status}: {err[-1] if err else 'no message'}")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.proc.stdout.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.stderr.close()
+        super().close()
+
+
+def _cli_argv(url: str) -> list[str]:
+    scheme = urlparse(url).scheme
+    tool = _CLI[scheme]
+    if shutil.which(tool[0]) is None:
+        raise OSError(f"{url}: {scheme}:// shards are read with the {tool[0]!r} command, which is not on PATH")
+    return [*tool, url, *(["-"] if scheme == "s3" else [])]
+
+
+def open_shard(url: str, *, timeout_s: float = 60.0, retries: int = 3) -> IO[bytes]:
+    """A binary stream of shard ``url``, opened without a shell (``pipe:`` only when allowed).
+
+    http(s) is streamed by urllib (opening is retried ``retries`` times), s3/gs by the ``aws`` /
+    ``gsutil`` command given the URL as one argv item."""
+    _check_url(url)
+    if url.startswith("pipe:"):
+        return io.BufferedReader(_ProcessReader(url[len("pipe:"):], url, shell=True))
+    scheme = urlparse(url).scheme if "://" in url else ""
+    if scheme in ("http", "https"):
+        for attempt in range(retries):
+            try:
+                return urllib.request.urlopen(url, timeout=timeout_s)
+            except urllib.error.HTTPError as err:
+                if err.code < 500 or attempt == retries - 1:
+                    raise OSError(f"{url}: HTTP {err.code} {err.reason}") from None
+            except OSError as err:
+                if attempt == retries - 1:
+                    raise OSError(f"{url}: {err}") from None
+            time.sleep(2.0 ** attempt)
+    if scheme in _CLI:
+        return io.BufferedReader(_ProcessReader(_cli_argv(url), url))
+    return open(_local(url), "rb")
+
+
+def _opened(data: Iterable[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    """``dict(url=...)`` -> ``dict(url=..., stream=...)``, each stream closed once it is read."""
+    for sample in data:
+        url = sample["url"]
+        try:
+            stream = open_shard(url)
+        except Exception as exn:
+            exn.args = exn.args + (url,)
+            if handler(exn):
+                continue
+            break
+        try:
+            yield dict(sample, stream=stream)
+        finally:
+            stream.close()
+
+
+def tarfile_samples(src: Iterable[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    """webdataset's ``tarfile_samples`` with :func:`open_shard` as the opener."""
+    return group_by_keys(tar_file_expander(_opened(src, handler), handler=handler), handler=handler)
+
+
+tarfile_to_samples = pipelinefilter(tarfile_samples)

@@ -12,6 +12,7 @@ few images with their generated and reference captions, and writes every caption
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -20,7 +21,11 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.models import build_model, model_entry
+from pipeline.data.shards import allow_pipe_shards, check_shard_spec
+from pipeline.device import pick_device
+from pipeline.eval.tasks import check_contract, evaluation
+from pipeline.models import build_model
+from pipeline.models.weights import load_weights, read_meta
 
 
 def _open_run(args):
@@ -28,79 +33,39 @@ def _open_run(args):
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise SystemExit(f"error: --run {run}: no config.yaml (is this a run directory?)")
-    cfg = load_config(run / "config.yaml")
+    # a run directory may come from elsewhere: its config's ``imports:`` would run code; only
+    # modules named on this command line (--import) are imported
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"--import {module}: {err}") from err
+    cfg = load_config(run / "config.yaml", run_imports=False)
     shards = args.shards or cfg.eval.shards
     if not shards:
         raise SystemExit("error: no evaluation shards: pass --shards or set eval.shards in the run's config")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return run, cfg, shards, device
+    check_shard_spec(shards, "--shards" if args.shards else f"eval.shards (in {run / 'config.yaml'})")
+    return run, cfg, shards, pick_device(args.device)
+
+
+def _build(cfg, task: str):
+    """The run's model as built before training, refused unless it provides what ``task`` calls."""
+    model = build_model(cfg.model)
+    check_contract(model, task, cfg.model.name)
+    return model
 
 
 def _load_trained(cfg, args, run: Path, device: torch.device):
     """The run's model with the newest complete checkpoint (or ``--checkpoint``): ``(model, tag dir, step)``."""
-    from pipeline.train.checkpoint import load_weights, read_meta
-
-    model = build_model(cfg.model)
+    model = _build(cfg, args.task)
     tag_dir = load_weights(model, args.checkpoint or run)
     model.to(device).eval()
     return model, tag_dir, int(read_meta(tag_dir).get("step", 0))
 
 
-def _retrieval(args) -> int:
-    from pipeline.eval.retrieval import evaluate_shards, format_table
-
-    run, cfg, shards, device = _open_run(args)
-    model, tag_dir, step = _load_trained(cfg, args, run, device)
-    metrics = evaluate_shards(model, shards, image_size=cfg.data.image_size, batch_size=args.batch_size,
-                              k_test=args.k_test or cfg.eval.k_test, max_words=cfg.data.max_words, device=device)
-    metrics.update(checkpoint=str(tag_dir), step=step, shards=shards)
-    out = Path(args.out) if args.out else run / "eval.json"
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(run / "tensorboard")) as writer:
-        for key, value in metrics.items():
-            if isinstance(value, float):
-                writer.add_scalar(f"eval/{key}", value, step)
-    print(format_table(metrics))
-    ratio = metrics["txt_r1"] / metrics["chance_txt_r1"], metrics["img_r1"] / metrics["chance_img_r1"]
-    print(f"R@1 is {ratio[0]:.1f}x chance for text retrieval and {ratio[1]:.1f}x chance for image retrieval "
-          f"(checkpoint {tag_dir.name}, step {step}); written to {out}")
-    return 0
-
-
-def _caption(args) -> int:
-    from pipeline.eval.caption import evaluate_shards, format_table
-
-    run, cfg, shards, device = _open_run(args)
-    if not hasattr(model_entry(cfg.model.name).build, "generate_captions"):
-        raise SystemExit(f"error: model {cfg.model.name!r} has no generate_captions(); caption evaluation "
-                         "needs a captioning model (evlgen, blip)")
-    generate = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_length=args.min_length,
-                    num_beams=args.num_beams)
-    common = dict(image_size=cfg.data.image_size, batch_size=args.batch_size, max_words=cfg.data.max_words,
-                  device=device, limit=args.limit, **generate)
-
-    baseline = None
-    if args.compare_untrained:  # the same model as training starts it: seeded like the trainer
-        torch.manual_seed(cfg.train.seed)
-        untrained = build_model(cfg.model).to(device).eval()
-        baseline, _ = evaluate_shards(untrained, shards, **common)
-        del untrained
-    model, tag_dir, step = _load_trained(cfg, args, run, device)
-    metrics, rows = evaluate_shards(model, shards, **common)
-    out = dict(metrics, checkpoint=str(tag_dir), step=step, shards=shards,
-               generate=dict(getattr(model, "caption_defaults", {}))
-               | {k: v for k, v in generate.items() if v is not None},
-               examples=[{k: r[k] for k in ("key", "caption", "references")} for r in rows[:10]])
-    if baseline is not None:
-        out["untrained"] = baseline
-    path = Path(args.out) if args.out else run / "eval.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    (path.parent / "captions.json").write_text(json.dumps(
-        [{"image_id": r["key"], "caption": r["caption"]} for r in rows], indent=1) + "\n")
-
+def _tensorboard(run: Path, step: int, metrics: dict, rows: list[dict] = ()) -> None:
+    """The float scores as ``eval/*`` scalars in the run's TensorBoard at ``step``, and for each
+    row with an image, the image with its generated and reference captions."""
     from torch.utils.tensorboard import SummaryWriter
 
     from pipeline.data.transforms import denormalize
@@ -113,7 +78,53 @@ def _caption(args) -> int:
             writer.add_image(f"eval/caption_{i}", denormalize(r["image"][None].float())[0], step)
             writer.add_text(f"eval/caption_{i}", f"**generated:** {r['caption']}\n\n**references:** "
                             + " | ".join(r["references"]), step)
-    print(format_table(metrics, baseline))
+
+
+def _retrieval(args) -> int:
+    task = evaluation(args.task)
+    run, cfg, shards, device = _open_run(args)
+    model, tag_dir, step = _load_trained(cfg, args, run, device)
+    metrics = task.evaluate_shards(model, shards, image_size=cfg.data.image_size, batch_size=args.batch_size,
+                              k_test=args.k_test or cfg.eval.k_test, max_words=cfg.data.max_words, device=device)
+    metrics.update(checkpoint=str(tag_dir), step=step, shards=shards)
+    out = Path(args.out) if args.out else run / "eval.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    _tensorboard(run, step, metrics)
+    print(task.format_table(metrics))
+    ratio = metrics["txt_r1"] / metrics["chance_txt_r1"], metrics["img_r1"] / metrics["chance_img_r1"]
+    print(f"R@1 is {ratio[0]:.1f}x chance for text retrieval and {ratio[1]:.1f}x chance for image retrieval "
+          f"(checkpoint {tag_dir.name}, step {step}); written to {out}")
+    return 0
+
+
+def _caption(args) -> int:
+    task = evaluation(args.task)
+    run, cfg, shards, device = _open_run(args)
+    generate = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_length=args.min_length,
+                    num_beams=args.num_beams)
+    common = dict(image_size=cfg.data.image_size, batch_size=args.batch_size, max_words=cfg.data.max_words,
+                  device=device, limit=args.limit, **generate)
+
+    baseline = None
+    if args.compare_untrained:  # the same model as training starts it: seeded like the trainer
+        torch.manual_seed(cfg.train.seed)
+        untrained = _build(cfg, args.task).to(device).eval()
+        baseline, _ = task.evaluate_shards(untrained, shards, **common)
+        del untrained
+    model, tag_dir, step = _load_trained(cfg, args, run, device)
+    metrics, rows = task.evaluate_shards(model, shards, **common)
+    out = dict(metrics, checkpoint=str(tag_dir), step=step, shards=shards,
+               generate=dict(model.caption_defaults)
+               | {k: v for k, v in generate.items() if v is not None},
+               examples=[{k: r[k] for k in ("key", "caption", "references")} for r in rows[:10]])
+    if baseline is not None:
+        out["untrained"] = baseline
+    path = Path(args.out) if args.out else run / "eval.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    (path.parent / "captions.json").write_text(json.dumps(
+        [{"image_id": r["key"], "caption": r["caption"]} for r in rows], indent=1) + "\n")
+    _tensorboard(run, step, metrics, rows)
+    print(task.format_table(metrics, baseline))
     for r in rows[:3]:
         print(f"  {r['key']}: {r['caption']!r}  (reference: {r['references'][0]!r})")
     print(f"checkpoint {tag_dir.name}, step {step}; written to {path}")
@@ -123,18 +134,23 @@ def _caption(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = argparse.ArgumentParser(add_help=False)  # what every evaluation takes
+    run.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
+    run.add_argument("--checkpoint", help="checkpoint tag directory or checkpoints dir (default: newest in --run)")
+    run.add_argument("--device", default=None)
+    run.add_argument("--out", default=None, help="metrics JSON (default: RUN/eval.json)")
+    run.add_argument("--allow-pipe-shards", action="store_true",
+                     help="let pipe:CMD shard specs run CMD in a shell (refused otherwise; never set by a config)")
+    run.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                     help="import MODULE first (an out-of-tree model registering itself); the run's own "
+                          "config 'imports:' are never executed")
     sub = parser.add_subparsers(dest="task", required=True)
-    ret = sub.add_parser("retrieval", help="zero-shot image-text retrieval (TR/IR R@1/5/10)")
-    ret.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
-    ret.add_argument("--checkpoint", help="checkpoint tag directory or checkpoints dir (default: newest in --run)")
+    ret = sub.add_parser("retrieval", parents=[run], help="zero-shot image-text retrieval (TR/IR R@1/5/10)")
     ret.add_argument("--shards", help="evaluation shards (brace pattern or data_prep directory)")
     ret.add_argument("--k-test", type=int, default=None, help="ITC top-k re-ranked by ITM (default: config)")
     ret.add_argument("--batch-size", type=int, default=64)
-    ret.add_argument("--device", default=None)
-    ret.add_argument("--out", default=None, help="metrics JSON (default: RUN/eval.json)")
-    cap = sub.add_parser("caption", help="captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)")
-    cap.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
-    cap.add_argument("--checkpoint", help="checkpoint tag directory or checkpoints dir (default: newest in --run)")
+    cap = sub.add_parser("caption", parents=[run],
+                         help="captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)")
     cap.add_argument("--shards", help="evaluation shards with reference captions in KEY.json (default: config)")
     cap.add_argument("--prompt", default=None, help="text prompt after the soft prompts (default: the model's)")
     cap.add_argument("--max-new-tokens", type=int, default=None)
@@ -144,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--limit", type=int, default=None, help="caption at most this many samples")
     cap.add_argument("--compare-untrained", action="store_true",
                      help="also score the model as training starts it (connector untrained), stored as 'untrained'")
-    cap.add_argument("--device", default=None)
-    cap.add_argument("--out", default=None, help="metrics JSON (default: RUN/eval.json)")
     args = parser.parse_args(argv)
+    allow_pipe_shards(args.allow_pipe_shards)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return {"retrieval": _retrieval, "caption": _caption}[args.task](args)

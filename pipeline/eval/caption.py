@@ -1,13 +1,13 @@
 """Image (and video) captioning evaluation: generate on an evaluation shard set, score with
 pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr; the COCO caption toolkit's PTB tokenizer).
 
-The model contract (EVLGen, BLIP...): a method
+The model is a :class:`~pipeline.models.contracts.Captioner` (EVLGen, BLIP): a method
 
     generate_captions(images, *, prompt, max_new_tokens, min_length, num_beams) -> list[str]
 
 taking ``[B, 3, H, W]`` images or ``[B, T, 3, H, W]`` frames, and a ``caption_defaults`` dict
-(property or attribute) with those four keyword arguments; ``eval_task = "caption"`` on the
-model class routes the trainer's ``eval.every`` and ``launch/demo.sh`` here.
+(property or attribute) with those four keyword arguments; ``eval_task="caption"`` in the
+model's registry entry routes the trainer's ``eval.every`` and ``launch/demo.sh`` here.
 
 Scores are reported x100 (papers' convention: CIDEr 1.45 -> 145). Each rank captions its share
 of the shards; with several ranks every rank makes the same number of ``generate_captions``
@@ -125,7 +125,7 @@ def generate_on_shards(model, shards: str, *, image_size: int, batch_size: int =
         ``[3, H, W]`` (CPU, normalised) for the first few samples, else None.
     """
     device = device or torch.device("cpu")
-    kwargs = dict(getattr(model, "caption_defaults", {}))
+    kwargs = dict(model.caption_defaults)
     kwargs.update({k: v for k, v in generate.items() if v is not None})
     missing = {"prompt", "max_new_tokens", "min_length", "num_beams"} - set(kwargs)
     if missing:

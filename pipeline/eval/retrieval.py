@@ -2,7 +2,8 @@
 
 Every rank encodes the whole (small) evaluation set; the expensive ITM re-ranking is split
 across ranks by rows and summed. An image counts as found at the best rank among its captions.
-The model must offer ``image_features``, ``text_features`` and ``itm_scores`` (see ALBEF). A
+The model is a :class:`~pipeline.models.contracts.RetrievalModel` (``image_features``,
+``text_features``) and usually an :class:`~pipeline.models.contracts.ItmScorer` (ALBEF). A
 model without ITC (METER) returns ``None`` features: ITM then scores every (image, caption)
 pair, as METER's own evaluation does, and ``k_test`` is unused. A dual encoder without
 ``itm_scores`` (CLIP) is ranked by ITC alone.
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data.loader import build_eval_loader
+from pipeline.models.contracts import ItmScorer
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 64
     if has_itc:
         sims = torch.cat(image_feats) @ torch.cat(text_feats).T  # [N_img, N_txt]
         itc = recall_at_k(sims.cpu().numpy(), sims.T.cpu().numpy(), img2txt, txt2img)
-    if not hasattr(model, "itm_scores"):  # a dual encoder: ITC is the ranking
+    if not isinstance(model, ItmScorer):  # a dual encoder: ITC is the ranking
         metrics = dict(itc, ranked_by="itc")
     else:
         if not has_itc:  # no ITC: every pair goes to ITM

@@ -131,8 +131,6 @@ class EVLGen(nn.Module):
     """``forward(batch) -> dict(loss, loss_lm, tokens_per_layer, kept_patches=None)``;
     ``generate_captions(images, ...) -> list[str]`` for :mod:`pipeline.eval.caption`."""
 
-    eval_task = "caption"
-
     def __init__(self, cfg: EvlgenConfig):
         super().__init__()
         self.cfg = cfg
@@ -276,4 +274,4 @@ class EVLGen(nn.Module):
         return [t.split("\n")[0].strip() for t in texts]
 
 
-register_model("evlgen", EvlgenConfig, EVLGen)
+register_model("evlgen", EvlgenConfig, EVLGen, eval_task="caption")

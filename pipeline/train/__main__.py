@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from pipeline.config import ConfigError, load_config, shipped_configs
+from pipeline.data.shards import allow_pipe_shards, check_shard_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,16 +19,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True,
                         help=f"shipped config name ({', '.join(shipped_configs()) or 'none yet'}) or a YAML path")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--allow-pipe-shards", action="store_true",
+                        help="let pipe:CMD shard specs run CMD in a shell (refused otherwise; never set by a config)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
+    allow_pipe_shards(args.allow_pipe_shards)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_shard_spec(cfg.data.train_shards, "data.train_shards", cfg.data.train_weights)
+        if cfg.eval.shards:
+            check_shard_spec(cfg.eval.shards, "eval.shards")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     from pipeline.train.loop import train
+    from pipeline.train.ops import announce_op_builds
+    from pipeline.train.optim import build_ds_config, offloads_optimizer
 
     try:
+        announce_op_builds(offloads_optimizer(build_ds_config(cfg, world_size=1)))
         train(cfg)
     except ConfigError as err:  # found once the hardware is known (e.g. train.precision)
         print(f"config error: {err}", file=sys.stderr)

@@ -9,13 +9,13 @@ Layout under ``RUN_DIR/checkpoints``::
     latest                   tag of the newest complete checkpoint (written after meta.json)
 
 Only tags with ``meta.json`` are resumed from; a crash in the middle of a save leaves a tag
-without it, which is ignored (and pruned later).
+without it, which is ignored (and pruned later). Finding checkpoints and reading their module
+weights back (evaluation, ``train.init_from``) is :mod:`pipeline.models.weights`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -25,65 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from pipeline.files import atomic_write_text
+from pipeline.models.weights import LATEST, MARKER, complete_tags, find_checkpoint, find_latest, is_complete, read_meta
 
-MARKER = "meta.json"
-LATEST = "latest"
+log = logging.getLogger(__name__)
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / MARKER).is_file()
-
-
-def read_meta(tag_dir: Path) -> dict:
-    return json.loads((tag_dir / MARKER).read_text())
-
-
-def complete_tags(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [d for d in ckpt_dir.iterdir() if d.is_dir() and is_complete(d)]
-    return sorted(tags, key=lambda d: (read_meta(d).get("step", -1), d.name))
-
-
-def find_latest(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint: the ``latest`` file's tag if it is complete, else the
-    complete tag with the highest step."""
-    latest = ckpt_dir / LATEST
-    if latest.is_file():
-        tag_dir = ckpt_dir / latest.read_text().strip()
-        if is_complete(tag_dir):
-            return tag_dir
-        log.warning("checkpoint %s named by %s is incomplete; looking for an older one", tag_dir, latest)
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A complete tag directory from a tag directory, a checkpoints directory or a run directory."""
-    p = Path(path)
-    if is_complete(p):
-        return p
-    for ckpt_dir in (p / "checkpoints", p):
-        if ckpt_dir.is_dir():
-            found = find_latest(ckpt_dir)
-            if found is not None:
-                return found
-    raise FileNotFoundError(f"no complete checkpoint (a tag directory with {MARKER}) at {str(path)!r}")
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
@@ -140,8 +89,8 @@ def save(engine, ckpt_dir: Path, step: int, *, client_state: dict, rank_state: d
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "time": time.time(),
                 **{k: v for k, v in client_state.items() if isinstance(v, (int, float, str, bool))}}
-        _atomic_write(tag_dir / MARKER, json.dumps(meta, indent=1))
-        _atomic_write(ckpt_dir / LATEST, tag)
+        atomic_write_text(tag_dir / MARKER, json.dumps(meta, indent=1))
+        atomic_write_text(ckpt_dir / LATEST, tag)
         prune(ckpt_dir, keep, protect=tag_dir)
         log.info("checkpoint %s written in %.1fs", tag_dir, time.time() - t0)
     barrier()
@@ -176,59 +125,3 @@ def load(engine, tag_dir: Path, *, rank: int, exclude_frozen: bool) -> tuple[dic
     f = rank_file(tag_dir, rank)
     rank_state: Any = torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
     return client_state or {}, rank_state
-
-
-# --------------------------------------------------------------------------- weights for evaluation
-
-
-def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 model weights (and buffers) of a checkpoint, gathered from the ZeRO partitions; no
-    process group needed. Frozen parameters are not in it when they were excluded from saving."""
-    tag_dir = Path(tag_dir)
-    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
-
-
-def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
-    """Load the newest complete checkpoint under ``path`` (run dir, checkpoints dir or tag dir)
-    into ``model``; returns the tag directory. Keys may be missing only for frozen parameters
-    (saved with ``exclude_frozen_parameters``); any other mismatch is an error."""
-    tag_dir = find_checkpoint(path)
-    state = consolidated_state_dict(tag_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # remove_duplicate=False: a frozen LLM's tied lm_head.weight is a name of its own in the state dict
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    missing = [k for k in missing if k not in frozen]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {tag_dir} does not fit the model: missing {missing[:8]}, "
-                           f"unexpected {list(unexpected)[:8]}")
-    return tag_dir
-
-
-def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str], list[str]]:
-    """Initialise ``model`` from another run's newest complete checkpoint (or a tag dir): every
-    parameter or buffer whose name and shape match is copied (an embedding table with more rows
-    gets the checkpoint's rows first), the rest keep their initialisation
-    (a warm start: CLIP encoders into ALBEF). Returns ``(tag_dir, copied, kept)``; copying nothing
-    is an error, since it means the two models share no names."""
-    tag_dir = find_checkpoint(path)
-    source = consolidated_state_dict(tag_dir)
-    own = model.state_dict()
-    copied = {}
-    for k, v in source.items():
-        if k not in own:
-            continue
-        if own[k].shape == v.shape:
-            copied[k] = v
-        elif v.dim() >= 1 and v.shape[1:] == own[k].shape[1:] and v.shape[0] < own[k].shape[0]:
-            # a vocabulary that grew (BLIP's [ENC] / [DEC]): the known rows, the new ones as initialised
-            copied[k] = torch.cat([v.to(own[k].dtype), own[k][v.shape[0]:]])
-    if not copied:
-        raise ValueError(f"train.init_from={path}: no parameter of {tag_dir} matches the model by name and shape")
-    model.load_state_dict(copied, strict=False)
-    kept = [k for k in own if k not in copied]
-    return tag_dir, sorted(copied), kept

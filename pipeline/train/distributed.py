@@ -4,14 +4,20 @@ torchrun and the deepspeed launcher set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_
 MASTER_PORT. Under ``srun`` only SLURM_* are set: they are mapped to the torch names before
 ``deepspeed.init_distributed`` (which would otherwise look for mpi4py). A plain ``python``
 process becomes a world of one.
+
+gloo (CPU) binds each rank to the address its host's name resolves to; where that is a
+loopback address (Debian's ``127.0.1.1 HOSTNAME`` line in /etc/hosts) ranks on other nodes
+cannot connect, so the rank binds the interface it reaches the launching node through instead.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +62,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` resolves to a loopback address (an unresolvable one counts: gloo then
+    falls back to loopback too)."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return True
+
+
+def _interface_towards(addr: str) -> str | None:
+    """The network interface holding the local address this host uses to reach ``addr``
+    (a UDP ``connect`` picks the route and sends nothing)."""
+    import psutil
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((addr, 9))
+        local = s.getsockname()[0]
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name
+    return None
+
+
+def gloo_interface(env: dict) -> str | None:
+    """The interface gloo must bind (``GLOO_SOCKET_IFNAME``), or None to leave gloo's choice.
+
+    Only needed when the world has several ranks, this host's name resolves to a loopback
+    address and the user set nothing. The interface is the one towards the node that launched
+    the ranks (``SLURM_LAUNCH_NODE_IPADDR``, the address the other nodes reached it at) or
+    towards ``MASTER_ADDR``; on that node itself the route to its own address names its
+    cluster interface too.
+    """
+    if env.get("GLOO_SOCKET_IFNAME") or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not _is_loopback(socket.gethostname()):
+        return None
+    for target in (env.get("SLURM_LAUNCH_NODE_IPADDR"), env.get("MASTER_ADDR")):
+        if not target:
+            continue
+        try:
+            addr = socket.gethostbyname(target)
+        except OSError:
+            continue
+        if ipaddress.ip_address(addr).is_loopback:
+            continue
+        name = _interface_towards(addr)
+        if name is not None:
+            return name
+    return None
+
+
 def map_launcher_env(env: dict | None = None) -> dict:
     """Fill the torch.distributed variables from SLURM (srun) or for a single process; returns ``env``."""
     env = os.environ if env is None else env
@@ -96,5 +153,11 @@ def setup_distributed() -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        interface = gloo_interface(os.environ)
+        if interface is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
+            # printed, not logged: logging is set up once the rank is known, after this
+            print(f"[rank{rank}] gloo binds {interface}: this host's name {socket.gethostname()} resolves to a "
+                  "loopback address (set GLOO_SOCKET_IFNAME to choose another)", file=sys.stderr, flush=True)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device, backend=backend)

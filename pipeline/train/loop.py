@@ -15,16 +15,19 @@ import torch.distributed as dist
 
 from pipeline.config import ExperimentConfig, save_config
 from pipeline.data import TrainLoader
-from pipeline.models import build_model
+from pipeline.eval.tasks import check_contract, evaluation
+from pipeline.files import atomic_write_text
+from pipeline.models import build_model, eval_task
+from pipeline.models.contracts import GradCheckpointing, HasTeacher, PatchModel
+from pipeline.models.weights import init_from
 
+from . import autobatch as ab
 from . import checkpoint as ckpt
 from .distributed import DistInfo, setup_distributed
 from .monitor import Monitor, kept_patch_grid, peak_memory_gb
-from .optim import build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
+from .optim import DTYPES, build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
 
 log = logging.getLogger("pipeline.train")
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class StopFlag:
@@ -59,10 +62,7 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def _write_status(run_dir: Path, state: str, step: int, **extra) -> None:
-    path = run_dir / "status.json"
-    tmp = path.with_name(".status.json.tmp")
-    tmp.write_text(json.dumps({"state": state, "step": step, "time": time.time(), **extra}))
-    tmp.replace(path)
+    atomic_write_text(run_dir / "status.json", json.dumps({"state": state, "step": step, "time": time.time(), **extra}))
 
 
 def _seed_all(seed: int) -> None:
@@ -71,20 +71,13 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _eval_hook(cfg: ExperimentConfig):
-    """The evaluation entry point, imported up front so a missing module fails before training."""
+def _eval_task(cfg: ExperimentConfig) -> str | None:
+    """The evaluation ``eval.every`` runs: the one the model is registered with."""
     if cfg.eval.every <= 0:
         return None
     if not cfg.eval.shards:
         raise ValueError("eval.shards: eval.every > 0 needs an evaluation shard set")
-    from pipeline.models import eval_task
-
-    if eval_task(cfg.model.name) == "caption":
-        from pipeline.eval.caption import evaluate
-    else:
-        from pipeline.eval.retrieval import evaluate
-
-    return evaluate
+    return eval_task(cfg.model.name)
 
 
 def reject_scalar_parameters(model: torch.nn.Module) -> None:
@@ -104,15 +97,19 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.dtype = DTYPES[t.precision]
-        self.evaluate = _eval_hook(cfg)
+        task = _eval_task(cfg)
 
         _seed_all(t.seed)  # the same initial weights on every rank
         model = build_model(cfg.model)
+        self.evaluate = None
+        if task is not None:  # refused now rather than at the first evaluation
+            check_contract(model, task, cfg.model.name)
+            self.evaluate = evaluation(task).evaluate
         if t.grad_checkpointing:
-            if not hasattr(model, "set_grad_checkpointing"):
+            if not isinstance(model, GradCheckpointing):
                 raise ValueError(f"train.grad_checkpointing: model {cfg.model.name!r} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
-        self.patch_size = getattr(model, "patch_size", None)
+        self.patch_size = model.patch_size if isinstance(model, PatchModel) else None
         self.exclude_frozen = t.exclude_frozen_parameters
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
@@ -126,8 +123,8 @@ class Trainer:
 
         reject_scalar_parameters(model)
         if t.init_from and ckpt.resolve_resume(t.resume, self.run_dir) is None:
-            tag_dir, copied, kept = ckpt.init_from(model, t.init_from)
-            if hasattr(model, "copy_params"):  # teacher copies (ALBEF's momentum encoders) follow
+            tag_dir, copied, kept = init_from(model, t.init_from)
+            if isinstance(model, HasTeacher):  # teacher copies (ALBEF's momentum encoders) follow
                 model.copy_params()
             log.info("initialised %d tensors from %s; %d keep their initialisation (%s...)",
                      len(copied), tag_dir, len(kept), ", ".join(kept[:4]))
@@ -383,8 +380,6 @@ def _autobatch(cfg: ExperimentConfig, info: DistInfo, run_dir: Path) -> Experime
     resumed run reuses so that its batch matches its checkpoints."""
     import os
 
-    from pipeline import autobatch as ab
-
     path = run_dir / "autobatch.json"
     if path.is_file():
         result = ab.AutobatchResult.from_dict(json.loads(path.read_text())["result"])
@@ -399,10 +394,8 @@ def _autobatch(cfg: ExperimentConfig, info: DistInfo, run_dir: Path) -> Experime
         result.micro_batch = int(agreed.item())
     new_cfg, change = ab.apply_rule(cfg, result.micro_batch)
     if info.is_main and not path.is_file():
-        tmp = path.with_name(".autobatch.json.tmp")
-        tmp.write_text(json.dumps({"result": result.to_dict(), "rule": cfg.autobatch.rule, "change": change},
-                                  indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps({"result": result.to_dict(), "rule": cfg.autobatch.rule,
+                                            "change": change}, indent=1))
     dist.barrier()
     log.info("autobatch (budget %s): %s; %s", cfg.autobatch.budget, ab.describe(result), change)
     return new_cfg

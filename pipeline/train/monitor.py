@@ -74,10 +74,13 @@ class Monitor:
 
         # purge_step: events after the resume step (from a run that went on after its last
         # checkpoint) are dropped, so the curves do not overlap; the resume step's own stay.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step > 0 else None)
+        # A fresh start drops everything: what is there came from a run killed before its
+        # first checkpoint, and is logged again.
+        purge = start_step + 1 if start_step > 0 else 0
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         if self.metrics_path.exists():  # same for the JSON lines
             rows = [r for r in self.metrics_path.read_text().splitlines() if r.strip()]
-            keep = [r for r in rows if json.loads(r).get("step", 0) <= start_step]
+            keep = [r for r in rows if json.loads(r).get("step", 0) < purge]
             self.metrics_path.write_text("".join(r + "\n" for r in keep))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -11,20 +11,21 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.models.contracts import LayerwiseLR, NoWeightDecay
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # train.precision -> dtype
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two AdamW groups: decayed weights, and biases / norms / 1-d
     parameters / the model's ``no_weight_decay()`` names (timm convention) without decay.
 
-    A model with ``lr_scales() -> {name prefix: multiplier}`` (METER's 5x for its cross-modal
-    layers) gets those parameters in further groups carrying an ``lr_scale``."""
-    skip: set[str] = set()
-    if hasattr(model, "no_weight_decay"):
-        skip = set(model.no_weight_decay())
-    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    A :class:`~pipeline.models.contracts.LayerwiseLR` model (``lr_scales() -> {name prefix:
+    multiplier}``, METER's 5x for its cross-modal layers) gets those parameters in further groups
+    carrying an ``lr_scale``."""
+    skip = set(model.no_weight_decay()) if isinstance(model, NoWeightDecay) else set()
+    scales = model.lr_scales() if isinstance(model, LayerwiseLR) else {}
     buckets: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -1,6 +1,6 @@
 """Automatic micro-batch size: the largest batch whose training step fits a memory budget.
 
-    python -m pipeline.autobatch --config albef_elip autobatch.budget=baseline [--world-size 8] [--json]
+    python -m pipeline.train.autobatch --config albef_elip autobatch.budget=baseline [--world-size 8] [--json]
 
 or ``autobatch.budget=...`` in a training config, which searches before the first step.
 
@@ -36,8 +36,14 @@ from typing import Callable
 import torch
 
 from pipeline.config import AutobatchConfig, ConfigError, ExperimentConfig, load_config
+from pipeline.device import pick_device
+from pipeline.models import build_model
+from pipeline.tokens.plan import ReductionConfig
 
-log = logging.getLogger("pipeline.autobatch")
+from .optim import DTYPES, build_ds_config
+from .profile import measure_step
+
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 MIN_BATCH = 2  # ITM hard negatives need two samples: no probe goes below this
@@ -106,8 +112,6 @@ def is_out_of_memory(err: BaseException) -> bool:
 def activation_meter(model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device,
                      dtype: torch.dtype) -> Callable[[int], int | None]:
     """``measure(b)``: activation bytes of one forward + backward at batch ``b``; None when out of memory."""
-    from pipeline.eval.profile import measure_step
-
     def step(batch: dict) -> None:
         model(batch)["loss"].backward()
 
@@ -274,14 +278,10 @@ def apply_rule(cfg: ExperimentConfig, micro_batch: int) -> tuple[ExperimentConfi
 def search(cfg: ExperimentConfig, *, device: torch.device, world_size: int,
            local_world_size: int = 1) -> AutobatchResult:
     """Build the configured model on ``device`` and find its micro-batch under ``autobatch.budget``."""
-    from pipeline.models import build_model
-    from pipeline.tokens.plan import ReductionConfig
-    from pipeline.train.optim import build_ds_config
-
     budget = parse_budget(cfg.autobatch)
     if budget == "off":
         raise ConfigError("autobatch.budget: is off; set free, baseline or a number of GiB")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
+    dtype = DTYPES[cfg.train.precision]
     stage = int(build_ds_config(cfg, world_size).get("zero_optimization", {}).get("stage", 0))
 
     def built(model_cfg) -> torch.nn.Module:
@@ -321,7 +321,7 @@ def describe(result: AutobatchResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.autobatch",
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train.autobatch",
                                      description="Find the largest micro-batch that fits autobatch.budget and print "
                                                  "the overrides that apply it (autobatch.rule).")
     parser.add_argument("--config", required=True, help="shipped config name or YAML path")
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.autobatch.budget == "off":
             cfg.autobatch.budget = "free"
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(args.device)
         result = search(cfg, device=device, world_size=args.world_size)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

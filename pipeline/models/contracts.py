@@ -1,0 +1,98 @@
+"""What a model offers the code around it, declared as small protocols.
+
+A model is an ``nn.Module`` whose ``forward(batch) -> dict`` (see :mod:`pipeline.models`) is
+all training needs; everything else is optional, and a caller asks for it by protocol
+(``isinstance(model, Captioner)``) rather than by probing attribute names. A model provides a
+protocol by having its methods; nothing needs to inherit from these classes.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    """``forward(batch) -> {"loss": scalar, "loss_<part>": scalar..., "tokens_per_layer":
+    list[int], "kept_patches": BoolTensor[B, P] | None}``."""
+
+    def forward(self, batch: dict) -> dict: ...
+
+
+@runtime_checkable
+class GradCheckpointing(Protocol):
+    """Recomputes its blocks' activations in backward (``train.grad_checkpointing``)."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None: ...
+
+
+@runtime_checkable
+class PatchModel(Protocol):
+    """Sees images as square patches of ``patch_size`` pixels (the kept-patch image grid)."""
+
+    patch_size: int
+
+
+@runtime_checkable
+class RetrievalModel(Protocol):
+    """Embeds images and captions for zero-shot retrieval (:mod:`pipeline.eval.retrieval`).
+
+    ``image_features(images [B, 3, H, W]) -> (embeds [B, N, D], feats [B, E] | None)``;
+    ``text_features(texts, device) -> (embeds [B, L, D], mask [B, L], feats [B, E] | None)``;
+    ``feats`` are the normalised ITC features, None for a model without ITC (METER).
+    """
+
+    def image_features(self, images: torch.Tensor) -> tuple: ...
+
+    def text_features(self, texts: list[str], device: torch.device) -> tuple: ...
+
+
+@runtime_checkable
+class ItmScorer(Protocol):
+    """Re-ranks image-caption pairs by image-text matching: ``itm_scores(image_embeds [K, N, D],
+    text_embeds [K, L, D], mask [K, L]) -> [K]``. A retrieval model without it (CLIP) is ranked
+    by ITC alone."""
+
+    def itm_scores(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """Generates captions (:mod:`pipeline.eval.caption`) from ``[B, 3, H, W]`` images or
+    ``[B, T, 3, H, W]`` frames; ``caption_defaults`` holds the four keyword arguments."""
+
+    caption_defaults: dict
+
+    def generate_captions(self, images: torch.Tensor, *, prompt: str, max_new_tokens: int, min_length: int,
+                          num_beams: int) -> list[str]: ...
+
+
+@runtime_checkable
+class LayerwiseLR(Protocol):
+    """Per-module learning rates: ``{parameter name prefix: multiplier of optim.lr}`` (METER's
+    5x for its cross-modal layers)."""
+
+    def lr_scales(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class NoWeightDecay(Protocol):
+    """Names of parameters kept out of weight decay (timm's convention)."""
+
+    def no_weight_decay(self) -> Iterable[str]: ...
+
+
+@runtime_checkable
+class HasTeacher(Protocol):
+    """Keeps a teacher (momentum / EMA copy) of some of its modules; ``copy_params()`` sets the
+    teacher to the student, as after a warm start."""
+
+    def copy_params(self) -> None: ...
+
+
+def protocol_members(protocol: type) -> list[str]:
+    """The attribute and method names a protocol class declares."""
+    own = {n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")}
+    return sorted(own | set(vars(protocol).get("__annotations__", {})))
