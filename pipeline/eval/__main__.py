@@ -2,12 +2,14 @@
 
     python -m pipeline.eval retrieval --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--k-test K]
     python -m pipeline.eval caption --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--num-beams N] ...
+    python -m pipeline.eval vqa-score --questions Q.json --annotations A.json --results R.json [--json]
 
 Reads ``RUN_DIR/config.yaml``, loads the newest complete checkpoint (or ``--checkpoint``),
 evaluates on ``--shards`` (default: the config's ``eval.shards``), prints the table, writes
 ``eval.json`` into the run directory and the scores to its TensorBoard (captioning also adds a
 few images with their generated and reference captions, and writes every caption to
-``captions.json``).
+``captions.json``). ``vqa-score`` needs no run: it scores an official-format results file against
+the official VQAv2 / OK-VQA questions and annotations (``pipeline.eval.vqa_metric``).
 """
 from __future__ import annotations
 
@@ -131,6 +133,24 @@ def _caption(args) -> int:
     return 0
 
 
+def _vqa_score(args) -> int:
+    from pipeline.eval.vqa_files import load_official, load_results
+    from pipeline.eval.vqa_metric import score
+
+    questions = load_official(args.questions, args.annotations)
+    answers = load_results(args.results)
+    try:
+        metrics = score(answers, questions)
+    except ValueError as err:  # which questions are missing or unknown: name the results file too
+        raise ValueError(f"{args.results}: {err}") from None
+    print(f"VQA accuracy over {metrics['num_questions']} questions: {metrics['overall']:.2f}")
+    for answer_type, accuracy in metrics["per_answer_type"].items():
+        print(f"  {answer_type:<12} {accuracy:6.2f}")
+    if args.json:
+        print(json.dumps({"overall": metrics["overall"], "per_answer_type": metrics["per_answer_type"]}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,11 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--limit", type=int, default=None, help="caption at most this many samples")
     cap.add_argument("--compare-untrained", action="store_true",
                      help="also score the model as training starts it (connector untrained), stored as 'untrained'")
+    vqa = sub.add_parser("vqa-score", help="score a VQAv2 / OK-VQA results file (official accuracy, x100)",
+                         description="Score [{question_id, answer}] against the official questions and annotations "
+                                     "JSON: overall and per-answer-type accuracy (vqaEval.py's normalisation, "
+                                     "min(matches/3, 1) over the 10 leave-one-out subsets).")
+    vqa.add_argument("--questions", required=True, help="questions JSON (v2_OpenEnded_mscoco_val2014_questions.json)")
+    vqa.add_argument("--annotations", required=True, help="annotations JSON (v2_mscoco_val2014_annotations.json)")
+    vqa.add_argument("--results", required=True, help="results JSON [{question_id, answer}], every question once")
+    vqa.add_argument("--json", action="store_true",
+                     help='end with one line {"overall": float, "per_answer_type": {...}}')
+    vqa.set_defaults(allow_pipe_shards=False)  # reads no shards
     args = parser.parse_args(argv)
     allow_pipe_shards(args.allow_pipe_shards)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"retrieval": _retrieval, "caption": _caption}[args.task](args)
+        return {"retrieval": _retrieval, "caption": _caption, "vqa-score": _vqa_score}[args.task](args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

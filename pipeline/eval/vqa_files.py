@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.files import atomic_write_text
+
 
 def _load(path, what: str):
     p = Path(path)
@@ -82,4 +84,4 @@ def load_results(path) -> dict:
 
 def write_results(path, answers: dict) -> None:
     """Write ``question id -> answer`` in the submission format ``[{"question_id", "answer"}]``."""
-    Path(path).write_text(json.dumps([{"question_id": q, "answer": a} for q, a in answers.items()]) + "\n")
+    atomic_write_text(path, json.dumps([{"question_id": q, "answer": a} for q, a in answers.items()]) + "\n")
