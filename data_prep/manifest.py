@@ -34,7 +34,7 @@ def collect(out_dir) -> dict:
     prefixes whose every shard is written contribute shards, so a loader reading the
     manifest never sees a half-made dataset. Downstream sets add ``task`` (``vqa``, ``nlvr2``,
     ``snli_ve``, ``caption``) and ``chance`` (share of the most frequent answer or label) to
-    their source entry.
+    their source entry; the synthetic ones also ``text_only`` (:mod:`data_prep.synthetic_tasks`).
     """
     out_dir = Path(out_dir)
     sources: dict[str, dict] = {}
@@ -67,7 +67,7 @@ def collect(out_dir) -> dict:
             "failures": dict(failures.most_common()), "examples": examples,
         }
         # downstream sets: which task's schema the samples follow, and its chance level
-        sources[prefix].update({k: run[k] for k in ("task", "chance") if k in run})
+        sources[prefix].update({k: run[k] for k in ("task", "chance", "text_only") if k in run})
         if complete:
             shards += [{"name": r["shard"], "num_samples": r["num_samples"], "prefix": prefix,
                         "source": run["source"]} for r in records]

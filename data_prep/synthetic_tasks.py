@@ -18,11 +18,16 @@ schema is the real sets' (:mod:`data_prep.vqav2`, :mod:`data_prep.nlvr2`, :mod:`
   show ("the red circle is made of paper"), which the text alone reveals: a text-only model
   reaches about 2/3, chance is 1/3.
 
-The manifest records each set's ``chance``: the share of its most frequent answer or label.
+The manifest records each set's ``chance`` (the share of its most frequent answer or label) and
+``text_only`` (the share that each text's most frequent answer in 10 000 other samples gets
+right): the texts carry some of the answer (a "how many" question is rarely "six", "is there"
+is yes or no), so learning *from the images* shows as a score above ``text_only``. On 3 000
+test samples: text only VQA 35% (chance 11%), NLVR2 57% (50%), SNLI-VE 67% (33%).
 """
 import io
 import os
 import random
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from . import synthetic, writer
@@ -192,13 +197,26 @@ class TaskSampler:
         return sample
 
 
-def chance(task: str, num: int, seed: int = 0, split: str = "train") -> float:
-    """Share of the most frequent answer / label among the ``num`` samples of ``task``."""
-    counts: dict = {}
+TEXT_PRIOR_SAMPLES = 10_000  # enough for every synthetic text to be seen many times
+
+
+def baselines(task: str, num: int, seed: int = 0, split: str = "train") -> dict:
+    """What needs no image, over the ``num`` samples of ``task``: ``chance``, the share of the most
+    frequent answer / label, and ``text_only``, the share of them that the most frequent answer
+    of the same text in 10 000 other samples (a split of their own) gets right: about what a
+    model reading only the question, statement or hypothesis can reach."""
+    prior: dict = defaultdict(Counter)
+    for i in range(TEXT_PRIOR_SAMPLES):
+        ex = EXAMPLES[task](seed, i, "text-prior")
+        prior[ex["text"]][ex["target"]] += 1
+    fallback = sum(prior.values(), Counter()).most_common(1)[0][0]
+    targets, hits = Counter(), 0
     for i in range(num):
-        t = EXAMPLES[task](seed, i, split)["target"]
-        counts[t] = counts.get(t, 0) + 1
-    return max(counts.values()) / num
+        ex = EXAMPLES[task](seed, i, split)
+        targets[ex["target"]] += 1
+        guess = prior[ex["text"]].most_common(1)[0][0] if ex["text"] in prior else fallback
+        hits += guess == ex["target"]
+    return {"chance": max(targets.values()) / num, "text_only": hits / num}
 
 
 def build(task: str, out_dir, num: int, seed: int = 0, image_size: int = 96, shard_size: int = 1000,
@@ -217,7 +235,7 @@ def build(task: str, out_dir, num: int, seed: int = 0, image_size: int = 96, sha
     return writer.write_dataset(
         Path(out_dir), prefix, name, range(num), TaskSampler(task, seed, split, image_size), shard_size=shard_size,
         fingerprint={"seed": seed, "image_size": image_size, "split": split, "task": task},
-        extra={"split": split, "eval": split != "train", "task": real_task, "chance": chance(task, num, seed, split)},
+        extra={"split": split, "eval": split != "train", "task": real_task, **baselines(task, num, seed, split)},
         workers=workers, overwrite=overwrite, min_shards=min_shards, show_progress=show_progress, part=part)
 
 
@@ -244,7 +262,8 @@ class _Source:
         for prefix, src in m["sources"].items():
             if src["source"] == self.NAME and src.get("chance") is not None:
                 print(f"{prefix}: {src['num_samples']} samples, chance level {100 * src['chance']:.1f}% "
-                      "(most frequent answer or label)")
+                      f"(most frequent answer or label), text only {100 * src['text_only']:.1f}% "
+                      "(most frequent answer or label of each text)")
         return m
 
 
