@@ -76,15 +76,17 @@ class TaskSampler:
         sample, original, stored = {}, {}, {}
         for ext, paths in row.images:
             sample[ext], original[ext], stored[ext] = self._image(paths)
-        one = len(row.images) == 1
-        side = {ext: ext.split(".")[0] for ext in original}  # "left.jpg" -> "left"
         sample["txt"] = row.text
         sample["json"] = {**row.meta, "source": self.source, "split": self.split,
-                          "original_size": list(next(iter(original.values()))) if one else
-                          {side[e]: list(s) for e, s in original.items()},
-                          "size": list(next(iter(stored.values()))) if one else
-                          {side[e]: list(s) for e, s in stored.items()}}
+                          "original_size": _by_side(original), "size": _by_side(stored)}
         return sample
+
+
+def _by_side(sizes: dict):
+    """``[w, h]`` of one image; ``{"left": [w, h], "right": [w, h]}`` of a pair (``left.jpg`` -> ``left``)."""
+    if len(sizes) == 1:
+        return list(next(iter(sizes.values())))
+    return {ext.split(".")[0]: list(size) for ext, size in sizes.items()}
 
 
 def split_prefix(source: str, split: str) -> str:
