@@ -60,7 +60,8 @@ def test_evaluating_a_run_does_not_execute_its_config_imports(run_with_plugin, c
     run, mark = run_with_plugin
     # the toy model is registered (by this test module): evaluation reads the config and
     # builds the model (which then lacks retrieval), without having imported the run's module
-    assert eval_main(["retrieval", "--run", str(run), "--shards", str(run)]) == 2
+    shards = _shard_dir(run.parent)
+    assert eval_main(["retrieval", "--run", str(run), "--shards", shards]) == 2
     assert "model 'toy' (ToyModel) does not provide RetrievalModel" in capsys.readouterr().err
     assert not mark.exists()
     with pytest.raises(ConfigError, match=r"imports: \['leaves_a_mark'\] were not imported"):
@@ -72,10 +73,19 @@ def test_evaluating_a_run_does_not_execute_its_config_imports(run_with_plugin, c
 def test_eval_cli_refuses_a_model_without_the_task_protocol(tmp_path, capsys):
     run = tmp_path / "run"
     save_config(load_config(_write(tmp_path, toy_config_dict(str(run), str(tmp_path)))), run / "config.yaml")
-    assert eval_main(["caption", "--run", str(run), "--shards", str(tmp_path), "--import", "tests.helpers_train"]) == 2
+    shards = _shard_dir(tmp_path)
+    assert eval_main(["caption", "--run", str(run), "--shards", shards, "--import", "tests.helpers_train"]) == 2
     assert "does not provide Captioner" in capsys.readouterr().err
-    assert eval_main(["caption", "--run", str(run), "--shards", str(tmp_path), "--import", "no_such_module_x"]) == 2
+    assert eval_main(["caption", "--run", str(run), "--shards", shards, "--import", "no_such_module_x"]) == 2
     assert "--import no_such_module_x:" in capsys.readouterr().err
+
+
+def _shard_dir(parent) -> str:
+    """A directory that is a valid shard spec; the tests' models are refused before it is read."""
+    shards = parent / "shards"
+    shards.mkdir(exist_ok=True)
+    (shards / "eval-000000.tar").write_bytes(b"")
+    return str(shards)
 
 
 def _write(tmp_path, data):
