@@ -169,3 +169,18 @@ def test_help_for_every_downstream_source(capsys):
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])
         assert exit_.value.code == 0 and "usage: python -m data_prep " + name in capsys.readouterr().out
+
+
+def test_rerun_resumes_and_other_options_are_refused(tmp_path, capsys):
+    f = fx.snli_ve(tmp_path)
+    out = tmp_path / "out"
+    argv = ["snli_ve", "--annotations", f["annotations"], "--images", f["images"], "--out", out, "--shard-size", 2]
+    assert run(*argv, *FAST) == 0
+    first = read_shards(out)
+    (out / "snli_ve_dev-000001.tar").unlink()  # as if killed before the last shard was renamed
+    assert run(*argv, *FAST) == 0
+    assert read_shards(out) == first and {s["shard"] for s in first.values()} == {
+        "snli_ve_dev-000000.tar", "snli_ve_dev-000001.tar"}
+    capsys.readouterr()
+    assert run(*argv, "--image-size", 64, *FAST) == 2
+    assert "already holds 'snli_ve_dev' shards made with different options: image_size=384" in capsys.readouterr().err
