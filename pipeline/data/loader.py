@@ -9,9 +9,10 @@ Training stream of one dataloader worker (``TrainLoader``)::
     shuffle -- sample buffer shuffle seeded by (seed, epoch, rank, worker)
     number  -- each raw sample gets its index in this worker's stream
     skip    -- resume: drop the raw samples this worker had already delivered (no decoding)
-    decode  -- PIL decode, ALBEF train transforms, caption cleaning; a corrupt sample is
-               skipped and counted; augmentation randomness is seeded per sample
-    batch   -- full batches of ``data.batch_size``
+    decode  -- PIL decode (reduced-size for JPEGs when the crop allows), ALBEF train
+               transforms, caption cleaning; a corrupt sample is skipped and counted; the
+               caption choice and augmentation draw from a per-sample random.Random
+    batch   -- full batches of ``data.batch_size``; uint8 images stacked, then normalised at once
     take    -- this worker's share of the epoch's batches
 
 Every rank yields the same number of batches per epoch, ``num_samples // (world * batch)``
@@ -38,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from .shards import parse_shard_spec, shard_weights, total_samples
-from .transforms import decode_image, eval_transform, pre_caption, train_transform
+from .transforms import TrainTransform, decode_image, eval_transform, normalize, pre_caption
 
 log = logging.getLogger(__name__)
 
@@ -187,20 +188,19 @@ def _frame_bytes(sample: dict) -> list[bytes]:
     return [frames[i] for i in range(len(frames))]
 
 
-def _pixels(sample: dict, transform: Callable, seed: int | None = None) -> torch.Tensor:
-    """``[3, H, W]`` for an image sample, ``[T, 3, H, W]`` for a video sample. With ``seed``,
-    the transform's randomness is seeded, the same for every frame (one crop per clip)."""
+def _pixels(sample: dict, transform: Callable) -> torch.Tensor:
+    """Evaluation: ``[3, H, W]`` for an image sample, ``[T, 3, H, W]`` for a video sample."""
     frames = _frame_bytes(sample)
-    out = []
-    for data in frames or [_image_bytes(sample)]:
-        image = decode_image(data)
-        if seed is None:
-            out.append(transform(image))
-            continue
-        with torch.random.fork_rng(devices=[]):  # augmentation = f(seed, epoch, rank, worker, index)
-            torch.manual_seed(seed)
-            out.append(transform(image))
+    out = [transform(decode_image(data)) for data in frames or [_image_bytes(sample)]]
     return torch.stack(out) if frames else out[0]
+
+
+def _augmented(sample: dict, transform: TrainTransform, rng: random.Random) -> torch.Tensor:
+    """Training: uint8 ``[3, S, S]`` for an image sample, ``[T, 3, S, S]`` for a video sample
+    (one crop, flip and op list for all frames of a clip)."""
+    frames = _frame_bytes(sample)
+    out = transform(frames or [_image_bytes(sample)], rng)
+    return out if frames else out[0]
 
 
 # --------------------------------------------------------------------------- position
@@ -266,11 +266,12 @@ class _TrainStream(IterableDataset):
         self.transform, self.max_words = transform, max_words
 
     def _sample(self, worker: int, sample: dict) -> dict:
-        s = _seed_of("sample", self.seed, self.epoch, self.rank, worker, sample["__raw__"])
-        caption = pre_caption(_text_of(sample, random.Random(s)), self.max_words)
+        # augmentation = f(seed, epoch, rank, worker, index), drawn from a generator of its own
+        rng = random.Random(_seed_of("sample", self.seed, self.epoch, self.rank, worker, sample["__raw__"]))
+        caption = pre_caption(_text_of(sample, rng), self.max_words)
         if not caption:
             raise ValueError(f"sample {sample.get('__key__')!r}: empty caption")
-        image = _pixels(sample, self.transform, seed=s)
+        image = _augmented(sample, self.transform, rng)
         return {"image": image, "text": caption, "__raw__": sample["__raw__"], "__key__": sample["__key__"]}
 
     def _raw_samples(self, worker: int, num_workers: int, errors: SkipCounter) -> Iterator[dict]:
@@ -310,7 +311,7 @@ class _TrainStream(IterableDataset):
 
         def collate(samples):
             return {
-                "image": torch.stack([s["image"] for s in samples]),
+                "image": normalize(torch.stack([s["image"] for s in samples])),
                 "text": [s["text"] for s in samples],
                 "key": [s["__key__"] for s in samples],
                 "__meta__": {"worker": worker, "raw_end": samples[-1]["__raw__"] + 1, "errors": errors.count},
@@ -336,8 +337,7 @@ class TrainLoader:
     when the position is inside that epoch (after ``position.load_state_dict`` on resume).
     """
 
-    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, batch_multiple: int = 1,
-                 transform: Callable | None = None):
+    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, batch_multiple: int = 1):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         sources, weights = parse_shard_spec(cfg.train_shards, cfg.train_weights)
@@ -358,7 +358,7 @@ class TrainLoader:
         if not cfg.resampled and len(self.urls) < world_size * max(1, self.num_workers):
             log.warning("%d shards for %d ranks x %d workers: some workers will repeat shards within an epoch",
                         len(self.urls), world_size, max(1, self.num_workers))
-        self.transform = transform or train_transform(cfg.image_size, cfg.crop_scale, cfg.randaugment, cfg.hflip)
+        self.transform = TrainTransform(cfg.image_size, cfg.crop_scale, cfg.randaugment, cfg.hflip)
         self.position = LoaderPosition(num_workers=max(1, self.num_workers))
 
     def _raw_skip(self, epoch: int, start: int, workers: int) -> dict[int, int]:

@@ -1,25 +1,36 @@
 """Image transforms of ALBEF/BLIP pre-training and caption cleaning.
 
-Train: RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment(2, 7) restricted to
-ALBEF's op set (no colour-changing ops, so captions that name colours stay true) ->
-ToTensor -> CLIP/ALBEF normalisation. Eval: bicubic resize to a square, no augmentation.
+Train (:class:`TrainTransform`): RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment(2, 7)
+restricted to ALBEF's op set (no colour-changing ops, so captions that name colours stay true) ->
+uint8 ``[3, S, S]``; :func:`normalize` turns a stacked batch into CLIP/ALBEF-normalised floats.
+The randomness comes from a ``random.Random`` the caller passes in (one per sample), so the
+augmentation of a sample is a pure function of that generator's seed and no global RNG is touched.
+Eval: bicubic resize to a square, no augmentation.
 """
 from __future__ import annotations
 
 import io
+import math
+import random
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.autoaugment import _apply_op
 
 from data_prep.captions import pre_caption  # one caption cleaner for data_prep and loading
 
-__all__ = ["MEAN", "STD", "AlbefRandAugment", "train_transform", "eval_transform", "decode_image",
-           "pre_caption", "denormalize"]
+__all__ = ["MEAN", "STD", "AlbefRandAugment", "AugmentParams", "TrainTransform",
+           "eval_transform", "decode_image", "normalize", "pre_caption", "denormalize"]
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
+
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratio range
 
 # ALBEF's RandomAugment(2, 7, isPIL=True, augs=[...]) op list.
 ALBEF_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
@@ -37,15 +48,104 @@ class AlbefRandAugment(T.RandAugment):
         space = super()._augmentation_space(num_bins, image_size)
         return {k: v for k, v in space.items() if k in ALBEF_OPS}
 
+    def op_table(self, image_size: int) -> list[tuple[str, float, bool]]:
+        """``(op, magnitude, signed)`` of each op for a square ``image_size`` image, in
+        torchvision's order (the table its ``forward`` draws from)."""
+        space = self._augmentation_space(self.num_magnitude_bins, (image_size, image_size))
+        return [(name, float(m[self.magnitude]) if m.ndim > 0 else 0.0, bool(signed))
+                for name, (m, signed) in space.items()]
 
-def train_transform(image_size: int, crop_scale=(0.5, 1.0), randaugment: bool = True, hflip: bool = True) -> T.Compose:
-    ops = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)]
-    if hflip:
-        ops.append(T.RandomHorizontalFlip())
-    if randaugment:
-        ops.append(AlbefRandAugment())
-    ops += [T.ToTensor(), T.Normalize(MEAN, STD)]
-    return T.Compose(ops)
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """One sample's augmentation: crop box ``(top, left, height, width)`` in the source image's
+    pixels, horizontal flip, RandAugment ops ``(name, signed magnitude)``."""
+
+    crop: tuple[int, int, int, int]
+    flip: bool
+    ops: tuple[tuple[str, float], ...]
+
+
+def _crop_box(width: int, height: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
+    """``T.RandomResizedCrop.get_params`` drawing from ``rng`` instead of torch's global RNG."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: central crop at the nearest allowed aspect ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class TrainTransform:
+    """Encoded image bytes -> augmented uint8 ``[3, S, S]`` (``[T, 3, S, S]`` for the frames of a
+    clip, all with one crop, flip and op list).
+
+    JPEGs are decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, PIL ``draft``) whenever
+    the crop still spans at least ``S`` decoded pixels each way, so nothing is upsampled that a
+    full decode would have downsampled.
+    """
+
+    def __init__(self, image_size: int, crop_scale=(0.5, 1.0), randaugment: bool = True, hflip: bool = True):
+        self.size, self.scale, self.hflip = int(image_size), tuple(crop_scale), hflip
+        self.num_ops = 2 if randaugment else 0
+        self.ops = AlbefRandAugment().op_table(self.size) if randaugment else []
+
+    def sample(self, width: int, height: int, rng: random.Random) -> AugmentParams:
+        """The augmentation of a ``width x height`` source image, drawn from ``rng``."""
+        crop = _crop_box(width, height, self.scale, RATIO, rng)
+        flip = self.hflip and rng.random() < 0.5
+        ops = []
+        for _ in range(self.num_ops):
+            name, magnitude, signed = self.ops[rng.randrange(len(self.ops))]
+            ops.append((name, -magnitude if signed and rng.random() < 0.5 else magnitude))
+        return AugmentParams(crop, flip, tuple(ops))
+
+    def apply(self, img: Image.Image, params: AugmentParams) -> torch.Tensor:
+        """Decode an opened (not yet loaded) image and apply ``params``: uint8 ``[3, S, S]``;
+        a broken image raises."""
+        top, left, h, w = params.crop
+        factor = 1.0
+        if isinstance(img, JpegImageFile):
+            reduce = next((r for r in (8, 4, 2) if min(h, w) >= self.size * r), 1)
+            width = img.width
+            drafted = img.draft("RGB", (width // reduce, img.height // reduce)) if reduce > 1 else None
+            if drafted:  # (mode, (0, 0, width / scale, height / scale)): the source box, decoded scale
+                factor = drafted[1][2] / width
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        img = img.resize((self.size, self.size), Image.Resampling.BICUBIC,
+                         box=(left * factor, top * factor, (left + w) * factor, (top + h) * factor))
+        if params.flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for name, magnitude in params.ops:
+            img = _apply_op(img, name, magnitude, interpolation=InterpolationMode.BICUBIC, fill=None)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+    def __call__(self, frames: list[bytes], rng: random.Random) -> torch.Tensor:
+        """Encoded frames (one for an image) -> uint8 ``[T, 3, S, S]``."""
+        images = [Image.open(io.BytesIO(f)) for f in frames]
+        params = self.sample(*images[0].size, rng)
+        return torch.stack([self.apply(img, params) for img in images])
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` -> float32 with CLIP/ALBEF normalisation, as ``T.ToTensor`` then
+    ``T.Normalize(MEAN, STD)`` (one pass over a whole batch instead of two per sample)."""
+    mean = torch.tensor(MEAN).mul_(255).view(3, 1, 1)
+    std = torch.tensor(STD).mul_(255).view(3, 1, 1)
+    return images.float().sub_(mean).div_(std)
 
 
 def eval_transform(image_size: int) -> T.Compose:
