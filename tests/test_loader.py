@@ -12,6 +12,7 @@ from pipeline.config import DataConfig
 from pipeline.data import LoaderPosition, TrainLoader, build_eval_loader, parse_shard_spec, worker_batches
 from pipeline.data.loader import shard_assignment
 from pipeline.data.shards import ShardSpecError, shard_weights
+from pipeline.data.transforms import ALBEF_OPS
 from tests.helpers_train import write_shards
 
 
@@ -180,3 +181,85 @@ def test_eval_loader_yields_every_image_once_with_all_captions(tmp_path):
              for r in range(2)]
     rank_keys = [{k for b in bs for k in b["key"]} for bs in split]
     assert not rank_keys[0] & rank_keys[1] and rank_keys[0] | rank_keys[1] == set(keys)
+
+
+def _photo(width, height):
+    from pipeline.bench_data import photo_jpeg
+
+    return photo_jpeg(7, width, height)
+
+
+def test_augmentation_is_a_pure_function_of_its_generator():
+    import random
+
+    from pipeline.data import TrainTransform
+
+    transform = TrainTransform(64, crop_scale=(0.2, 1.0), randaugment=True, hflip=True)
+    data = [_photo(160, 120)]
+    a, b = transform(data, random.Random(5)), transform(data, random.Random(5))
+    assert a.dtype == torch.uint8 and a.shape == (1, 3, 64, 64) and torch.equal(a, b)
+    outs = [transform(data, random.Random(s)) for s in range(8)]
+    assert len({o.numpy().tobytes() for o in outs}) == 8  # other seeds, other crops / ops
+    params = [transform.sample(160, 120, random.Random(s)) for s in range(200)]
+    assert {p.flip for p in params} == {True, False}
+    assert {name for p in params for name, _ in p.ops} == set(ALBEF_OPS)  # every ALBEF op, only those
+    assert all(len(p.ops) == 2 for p in params)
+
+
+def test_loader_never_touches_the_global_rngs(shards, monkeypatch):
+    import random
+
+    import numpy as np
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the loader reseeded torch's global generator")
+
+    monkeypatch.setattr(torch, "manual_seed", forbidden)
+    monkeypatch.setattr(torch.random, "manual_seed", forbidden)
+    monkeypatch.setattr(torch.random, "fork_rng", forbidden)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    cfg = data_cfg(shards / "a", randaugment=True, crop_scale=[0.2, 1.0])
+    first = [b["image"] for b in TrainLoader(cfg).iter_epoch(0)]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    torch.rand(5)  # another consumer of the global RNG changes nothing in the data
+    random.random()
+    again = [b["image"] for b in TrainLoader(cfg).iter_epoch(0)]
+    assert all(torch.equal(x, y) for x, y in zip(first, again)) and len(first) == 8
+
+
+def test_large_jpegs_are_decoded_at_reduced_size_without_losing_resolution(monkeypatch):
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+    from PIL.JpegImagePlugin import JpegImageFile
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from pipeline.data import TrainTransform
+
+    drafts = []
+    real_draft = JpegImageFile.draft
+    monkeypatch.setattr(JpegImageFile, "draft", lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size))
+    transform = TrainTransform(112, crop_scale=(0.9, 1.0), randaugment=False, hflip=False)
+    y, x = np.mgrid[0:768, 0:1024]
+    waves = [128 + 100 * np.sin(2 * np.pi * x / 60 + c) * np.cos(2 * np.pi * y / 50 + c) for c in range(3)]
+    buf = io.BytesIO()  # detail of about 7 output pixels per period: lost if decoded too small
+    Image.fromarray(np.stack(waves, -1).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    for seed in range(4):
+        params = transform.sample(1024, 768, random.Random(seed))
+        out = transform.apply(Image.open(io.BytesIO(data)), params).permute(1, 2, 0).numpy().astype(float)
+        full = Image.open(io.BytesIO(data)).convert("RGB")  # full-size decode, torchvision's crop + resize
+        snapped = [v // 4 * 4 for v in params.crop]  # decoded at 1/4: the crop on that pixel grid
+        ref = np.array(TF.resized_crop(full, *snapped, [112, 112], InterpolationMode.BICUBIC)).astype(float)
+        assert np.abs(out - ref).mean() < 1.5  # the same picture (decoded at 1/8: 2.8) ...
+        assert abs(out.std() / ref.std() - 1) < 0.02  # ... with its contrast (at 1/8: 0.93): the same resolution
+    # crops of >= 690 of 768 rows, 112 px out: decoded at 1/4 (>= 172 rows), not 1/8 (86 < 112)
+    assert drafts == [(256, 192)] * 4
+    drafts.clear()
+    small = TrainTransform(224, crop_scale=(0.9, 1.0), randaugment=False, hflip=False)
+    out = small([_photo(256, 256)], random.Random(0))
+    assert drafts == [] and out.shape == (1, 3, 224, 224)  # a 256 px image is decoded in full

@@ -126,8 +126,10 @@ class TrainTransform:
         if img.mode != "RGB":
             img = img.convert("RGB")
         pixels = torch.from_numpy(np.array(img))  # [H, W, 3]: decodes; a truncated file raises here
-        y1, x1 = round((top + h) / r), round((left + w) / r)
-        y0, x0 = max(0, min(round(top / r), y1 - self.size)), max(0, min(round(left / r), x1 - self.size))
+        # decoded pixel k covers source pixels [k r, (k + 1) r): the crop snaps to that grid
+        # (moves by < r source pixels) and keeps >= S decoded pixels each way
+        y0, x0 = top // r, left // r
+        y1, x1 = y0 + h // r, x0 + w // r
         # torch's antialiased bicubic on uint8 matches PIL's resize to +-1 and runs several times
         # faster; the [1, 3, h, w] view of the HWC crop is channels-last, its fast layout
         out = F.interpolate(pixels[y0:y1, x0:x1].permute(2, 0, 1)[None], size=(self.size, self.size),
