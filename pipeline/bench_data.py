@@ -76,7 +76,7 @@ def write_photo_shards(out: Path, num: int, width: int, height: int, shards: int
     for s in range(shards):
         name = f"photo-{s:06d}.tar"
         keys = range(s * per, min(num, (s + 1) * per))
-        with wds.TarWriter(str(out / name)) as sink:
+        with wds.TarWriter(str(out / name), mtime=int(time.time())) as sink:  # as data_prep writes
             for i in keys:
                 sink.write({"__key__": f"{i:08d}", "jpg": pool[i % POOL], "txt": CAPTION,
                             "json": json.dumps({"captions": [CAPTION], "source": "bench"}).encode()})
