@@ -141,9 +141,13 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(tmp_path, capl
     assert len(batches) == 4 and all(len(b["text"]) == 4 for b in batches)  # training goes on
     keys = [k for b in batches for k in b["key"]]
     assert "000003" not in keys
-    assert loader.position.errors == 2  # the broken JPEG and the truncated tar
+    # the broken JPEG, and the truncated tar's lost samples against its manifest (8 listed)
+    read = len({k for k in keys if k.startswith("001")})
+    assert loader.position.errors == 1 + (8 - read) and read < 8
     logged = [r.getMessage() for r in caplog.records if "skipped a broken sample" in r.getMessage()]
     assert len(logged) == 1  # rate-limited: the first one, then at most one line per 30 s
+    named = [r.getMessage() for r in caplog.records if "toy-000001.tar has" in r.getMessage()]
+    assert len(named) == 1 and f"{8 - read} sample(s) missing" in named[0]  # once, though read twice
 
 
 def test_captions_are_cleaned_and_cut(tmp_path):
@@ -263,3 +267,59 @@ def test_large_jpegs_are_decoded_at_reduced_size_without_losing_resolution(monke
     small = TrainTransform(224, crop_scale=(0.9, 1.0), randaugment=False, hflip=False)
     out = small([_photo(256, 256)], random.Random(0))
     assert drafts == [] and out.shape == (1, 3, 224, 224)  # a 256 px image is decoded in full
+
+
+def _cut_points(tar):
+    """Offsets of every member's header start and a point inside each header."""
+    with tarfile.open(tar) as tf:
+        starts = [m.offset for m in tf.getmembers()]
+    return starts, [o + 100 for o in starts]
+
+
+def _epoch_account(directory, num, caplog, **kw):
+    loader = TrainLoader(data_cfg(directory, train_num_samples=num, shuffle_buffer=0, randaugment=False, **kw))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        keys = {k for b in loader.iter_epoch(0) for k in b["key"]}
+    return keys, loader.position.errors, [r.getMessage() for r in caplog.records]
+
+
+def test_a_tar_cut_at_or_inside_a_header_is_counted_and_named(tmp_path, caplog):
+    import random
+
+    write_shards(tmp_path, shards=1, per_shard=50, size=16)
+    tar = tmp_path / "toy-000000.tar"
+    data = tar.read_bytes()
+    starts, inside = _cut_points(tar)
+    rng = random.Random(0)
+    cuts = rng.sample(starts[3:], 4) + rng.sample(inside[3:], 4) + rng.sample(range(2000, len(data) - 1024), 4)
+    for cut in cuts:
+        tar.write_bytes(data[:cut])
+        with tarfile.open(tar) as tf:  # what a cut loses: tarfile itself reads a header cut as the end
+            try:
+                complete = len({m.name.split(".")[0] for m in tf}) - 1
+            except tarfile.ReadError:
+                complete = 0
+        keys, errors, messages = _epoch_account(tmp_path, 52, caplog)  # reads past the end of the shard
+        lost = 50 - len(keys)
+        assert lost >= 1 and errors >= lost, (cut, lost, errors)  # nothing is lost without a count
+        assert any("toy-000000.tar has" in m and "missing" in m for m in messages), (cut, messages)
+        assert len(keys) >= complete
+
+    # without a manifest: a cut at a header boundary is found by the missing end-of-archive marker
+    (tmp_path / "manifest.json").unlink()
+    tar.write_bytes(data[: starts[20]])
+    keys, errors, messages = _epoch_account(tar, 16, caplog)
+    assert errors >= 1 and any("toy-000000.tar ends without tar's end-of-archive marker" in m for m in messages)
+    tar.write_bytes(data)
+    keys, errors, messages = _epoch_account(tar, 16, caplog)
+    assert errors == 0 and not messages  # an intact shard: no false alarm
+
+
+def test_a_shard_listed_in_the_manifest_but_missing_is_named(tmp_path, caplog):
+    write_shards(tmp_path, shards=3, per_shard=8)
+    (tmp_path / "toy-000001.tar").unlink()
+    keys, errors, messages = _epoch_account(tmp_path, 24, caplog)
+    assert not any(k.startswith("001") for k in keys) and errors == 8
+    named = [m for m in messages if "toy-000001.tar cannot be opened" in m]
+    assert len(named) == 1 and "8 sample(s) missing" in named[0]

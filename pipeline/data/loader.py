@@ -5,7 +5,9 @@ Training stream of one dataloader worker (``TrainLoader``)::
     shards  -- epoch passes over all shards, each pass shuffled by (seed, epoch, pass), the
                same on every rank; or, resampled, shards drawn with replacement by weight
     split   -- by node (rank::world) then by worker (w::workers)   [not when resampled]
-    tar     -- tar members grouped into samples; a broken tar is skipped and counted
+    tar     -- tar members grouped into samples; a broken tar is skipped and counted, a shard
+               shorter than its manifest (or, without one, cut short) is logged by name and
+               its missing samples counted (``tars.ShardReader``)
     shuffle -- sample buffer shuffle seeded by (seed, epoch, rank, worker)
     number  -- each raw sample gets its index in this worker's stream
     skip    -- resume: drop the raw samples this worker had already delivered (no decoding)
@@ -39,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from .shards import parse_shard_spec, shard_weights, total_samples
+from .tars import ShardReader
 from .transforms import TrainTransform, decode_image, eval_transform, normalize, pre_caption
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,10 @@ class SkipCounter:
         self.log_interval_s = log_interval_s
         self._last_log = -float("inf")
         self._logged_count = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` lost samples reported elsewhere (a short shard names itself)."""
+        self.count += n
 
     def __call__(self, exn: BaseException) -> bool:
         self.count += 1
@@ -203,6 +210,11 @@ def _augmented(sample: dict, transform: TrainTransform, rng: random.Random) -> t
     return out if frames else out[0]
 
 
+def expected_sizes(sources) -> dict[str, int]:
+    """Shard URL -> the samples its manifest lists (shards of unknown size left out)."""
+    return {u: n for s in sources for u, n in zip(s.urls, s.sizes) if n is not None}
+
+
 # --------------------------------------------------------------------------- position
 
 
@@ -256,10 +268,10 @@ def worker_batches(total: int, num_workers: int, worker: int) -> int:
 class _TrainStream(IterableDataset):
     """One epoch of one rank, from a start batch; see the module docstring."""
 
-    def __init__(self, *, urls, weights, resampled, rank, world_size, seed, epoch, num_batches, start_batch,
+    def __init__(self, *, urls, expected, weights, resampled, rank, world_size, seed, epoch, num_batches, start_batch,
                  raw_skip, batch_size, shuffle_buffer, transform, max_words):
         super().__init__()
-        self.urls, self.weights, self.resampled = urls, weights, resampled
+        self.urls, self.expected, self.weights, self.resampled = urls, expected, weights, resampled
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.num_batches, self.start_batch, self.raw_skip = num_batches, start_batch, raw_skip
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
@@ -277,10 +289,11 @@ class _TrainStream(IterableDataset):
     def _raw_samples(self, worker: int, num_workers: int, errors: SkipCounter) -> Iterator[dict]:
         """This worker's endless stream of undecoded samples for the epoch (shuffled)."""
         progress = _Progress(limit=2 * len(self.urls) + 2 * self.world_size * num_workers + 8)
+        shards = ShardReader(errors, errors.add, self.expected)
         key = (self.seed, self.epoch, self.rank, worker)
 
         def read(urls, *shuffle_key):
-            samples = progress.samples(wds.tarfile_to_samples(handler=errors)(progress.urls(urls)))
+            samples = progress.samples(shards.samples(progress.urls(urls)))
             if self.shuffle_buffer > 1:
                 rng = random.Random(_seed_of("buffer", *shuffle_key))
                 samples = _shuffle(samples, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
@@ -346,6 +359,7 @@ class TrainLoader:
                              "(without resampling the sources are concatenated)")
         self.sources = sources
         self.urls, self.weights = shard_weights(sources, weights)
+        self.expected = expected_sizes(sources)
         num_samples = cfg.train_num_samples or total_samples(sources)
         if not num_samples:
             raise ValueError("data.train_num_samples: the epoch length is unknown (no manifest.json or sizes.json "
@@ -385,7 +399,7 @@ class TrainLoader:
             errors = pos.errors
             pos.num_workers, pos.raw_end, pos.errors_epoch, pos.errors_before = workers, dict(raw_skip), {}, errors
         dataset = _TrainStream(
-            urls=self.urls, weights=self.weights, resampled=self.cfg.resampled, rank=self.rank,
+            urls=self.urls, expected=self.expected, weights=self.weights, resampled=self.cfg.resampled, rank=self.rank,
             world_size=self.world_size, seed=self.cfg.seed, epoch=epoch, num_batches=self.batches_per_epoch,
             start_batch=start, raw_skip=raw_skip, batch_size=self.cfg.batch_size,
             shuffle_buffer=self.cfg.shuffle_buffer, transform=self.transform, max_words=self.cfg.max_words)
@@ -405,9 +419,9 @@ class TrainLoader:
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, urls, rank, world_size, batch_size, transform, max_words):
+    def __init__(self, urls, expected, rank, world_size, batch_size, transform, max_words):
         super().__init__()
-        self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.urls, self.expected, self.rank, self.world_size = urls, expected, rank, world_size
         self.batch_size, self.transform, self.max_words = batch_size, transform, max_words
 
     def _sample(self, sample: dict) -> dict:
@@ -429,7 +443,7 @@ class _EvalStream(IterableDataset):
             lambda: iter([dict(url=u) for u in self.urls]),
             lambda src: _split(src, self.rank, self.world_size),  # split_by_node
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=errors),
+            ShardReader(errors, errors.add, self.expected).samples,
             wds.map(self._sample, handler=errors),
             wds.batched(self.batch_size, collation_fn=collate, partial=True),
         ))
@@ -442,7 +456,7 @@ def build_eval_loader(shards: str, *, image_size: int, batch_size: int, workers:
     in shard order, no augmentation; with ``world_size > 1`` each rank reads shards rank::world."""
     sources, _ = parse_shard_spec(shards)
     urls = [u for s in sources for u in s.urls]
-    dataset = _EvalStream(urls, rank, world_size, batch_size, eval_transform(image_size), max_words)
+    dataset = _EvalStream(urls, expected_sizes(sources), rank, world_size, batch_size, eval_transform(image_size), max_words)
     return wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
 
 
