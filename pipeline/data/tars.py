@@ -6,8 +6,8 @@ in a rate-limited log. :class:`ShardReader` reads the same way (webdataset's ``g
 ``tar_file_expander``, ``group_by_keys``) and, at the end of each shard, compares the samples it
 read with the count the manifest lists; without a manifest count it checks that a ``.tar`` ends
 with tar's end-of-archive marker (two zero blocks). A short, cut or missing shard is logged by
-name with the samples it lacks, once per reader and shard, and those samples are added to the
-reader's error count (``data/skipped_samples`` in TensorBoard).
+name with the samples it lacks, and those samples are added to the reader's error count
+(``data/skipped_samples`` in TensorBoard), once per reader (worker and epoch) and shard.
 """
 from __future__ import annotations
 
@@ -58,10 +58,11 @@ class ShardReader:
         self.reported: set[str] = set()
 
     def _report(self, url: str, problem: str, missing: int, counted: int) -> None:
+        if url in self.reported:  # a shard read again in the same epoch lacks the same samples
+            return
+        self.reported.add(url)
         self.lost(max(0, missing - counted))  # the handler already counted one per exception
-        if url not in self.reported:
-            self.reported.add(url)
-            log.warning("shard %s %s: %d sample(s) missing from this epoch", url, problem, missing)
+        log.warning("shard %s %s: %d sample(s) missing from this epoch", url, problem, missing)
 
     def samples(self, src) -> Iterator[dict]:
         for item in src:
