@@ -135,24 +135,28 @@ def samples_per_s(batches, warmup: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def training_step_row(config: str, repeats: int) -> dict:
-    from pipeline.bench import STEP_CAPTION, median_wall
-    from pipeline.config import load_config
+def training_step_row(cfg, name: str, repeats: int) -> dict:
+    """Samples/s of the config's training step (forward + backward + AdamW) on this machine's
+    accelerator (bf16 autocast on a GPU, fp32 on CPU)."""
+    from pipeline.eval.profile import median_wall
     from pipeline.models import build_model
 
-    cfg = load_config(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     batch, size = cfg.data.batch_size, cfg.data.image_size
-    model = build_model(cfg.model).train()
-    data = {"image": torch.randn(batch, 3, size, size), "text": [STEP_CAPTION] * batch, "epoch_progress": 1.0}
+    model = build_model(cfg.model).train().to(device)
+    data = {"image": torch.randn(batch, 3, size, size, device=device), "text": [CAPTION] * batch,
+            "epoch_progress": 1.0}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model(data)["loss"].backward()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(data)["loss"]
+        loss.backward()
         optimizer.step()
 
     wall = median_wall(step, repeats=repeats)
-    return {"setting": "training step", "method": f"{config}, batch {batch}, 1 process", "samples_per_s": batch / wall}
+    return {"setting": "training step", "method": f"{name}, batch {batch}, 1 {device}", "samples_per_s": batch / wall}
 
 
 def bench_data(args) -> list[dict]:
@@ -160,7 +164,7 @@ def bench_data(args) -> list[dict]:
     from pipeline.config import DataConfig, load_config
 
     _import_open_clip()  # fail before building any shards
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     batch = args.batch
     like = DataConfig(batch_size=batch, shuffle_buffer=SHUFFLE, **LIKE_FOR_LIKE)
     mine = replace(cfg.data, batch_size=batch)
@@ -184,7 +188,7 @@ def bench_data(args) -> list[dict]:
                                                               warmup=workers) for _ in range(args.rounds))
                 rows.append({**base, "setting": f"{args.config} transforms ({cfg.data.image_size} px)",
                              "method": "ours", "samples_per_s": config_rate})
-    rows.append(training_step_row(args.config, args.repeats))
+    rows.append(training_step_row(cfg, args.config, args.repeats))
     print(f"[bench] data: {args.num} photo-like JPEGs per size in 4 shards, batch {batch}, {args.rounds} "
           "alternating rounds; like for like = decode, RandomResizedCrop 224 at scale 0.9-1, normalise "
           "(open_clip also tokenises); ratio = median of the rounds' ours/open_clip")
@@ -202,6 +206,7 @@ def bench_data(args) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny_albef_elip", help="config whose transforms and step are measured")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (e.g. model.text.pretrained=DIR)")
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(256, 256), (640, 480)],
                         help="source image sizes, N or WxH (default: 256 640x480)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])

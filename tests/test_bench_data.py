@@ -19,7 +19,7 @@ def test_data_bench_compares_with_open_clip_and_the_training_step():
     assert all(r["samples_per_s"] > 0 and r["workers"] == 1 and r["jpeg_kib"] > 0 for r in loader_rows)
     ours, theirs = loader_rows[0], loader_rows[1]
     assert theirs["ratio"] == 1.0 and ours["ratio"] > 0
-    assert rows[-1]["setting"] == "training step" and rows[-1]["method"].startswith("tiny_albef_elip, batch 32")
+    assert rows[-1]["setting"] == "training step" and rows[-1]["method"].startswith("tiny_albef_elip, batch 32, 1 ")
     assert "give each rank data.workers >=" in proc.stdout
 
 
