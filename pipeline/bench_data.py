@@ -21,6 +21,7 @@ import functools
 import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -180,6 +181,7 @@ def bench_data(args) -> list[dict]:
                     theirs.append(samples_per_s(open_clip_batches(pattern, args.num, workers, batch), warmup=workers))
                 base = dict(image=f"{width}x{height}", jpeg_kib=round(jpeg_kib, 1), workers=workers)
                 ratio = statistics.median(a / b for a, b in zip(ours, theirs))
+                print(f"[bench] {width}x{height}, {workers} worker(s): ours/open_clip {ratio:.2f}x", file=sys.stderr)
                 rows.append({**base, "setting": "like for like", "method": "ours",
                              "samples_per_s": statistics.median(ours), "ratio": ratio})
                 rows.append({**base, "setting": "like for like", "method": "open_clip",
