@@ -194,17 +194,26 @@ def _photo(width, height):
 
 
 def test_augmentation_is_a_pure_function_of_its_generator():
-    import random
-
     from pipeline.data import TrainTransform
+
+    from torchvision import transforms as T
+
+    def gen(seed):
+        return torch.Generator().manual_seed(seed)
 
     transform = TrainTransform(64, crop_scale=(0.2, 1.0), randaugment=True, hflip=True)
     data = [_photo(160, 120)]
-    a, b = transform(data, random.Random(5)), transform(data, random.Random(5))
+    a, b = transform(data, gen(5)), transform(data, gen(5))
     assert a.dtype == torch.uint8 and a.shape == (1, 3, 64, 64) and torch.equal(a, b)
-    outs = [transform(data, random.Random(s)) for s in range(8)]
+    outs = [transform(data, gen(s)) for s in range(8)]
     assert len({o.numpy().tobytes() for o in outs}) == 8  # other seeds, other crops / ops
-    params = [transform.sample(160, 120, random.Random(s)) for s in range(200)]
+    params = [transform.sample(160, 120, gen(s)) for s in range(200)]
+    for seed, p in enumerate(params[:20]):  # the draws torchvision's transforms make, seeded alike
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            crop = T.RandomResizedCrop.get_params(torch.zeros(3, 120, 160), [0.2, 1.0], [3 / 4, 4 / 3])
+            flip = bool(torch.rand(1) < 0.5)
+        assert p.crop == crop and p.flip == flip
     assert {p.flip for p in params} == {True, False}
     assert {name for p in params for name, _ in p.ops} == set(ALBEF_OPS)  # every ALBEF op, only those
     assert all(len(p.ops) == 2 for p in params)
@@ -234,7 +243,6 @@ def test_loader_never_touches_the_global_rngs(shards, monkeypatch):
 
 def test_large_jpegs_are_decoded_at_reduced_size_without_losing_resolution(monkeypatch):
     import io
-    import random
 
     import numpy as np
     from PIL import Image
@@ -254,7 +262,7 @@ def test_large_jpegs_are_decoded_at_reduced_size_without_losing_resolution(monke
     Image.fromarray(np.stack(waves, -1).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     data = buf.getvalue()
     for seed in range(4):
-        params = transform.sample(1024, 768, random.Random(seed))
+        params = transform.sample(1024, 768, torch.Generator().manual_seed(seed))
         out = transform.apply(Image.open(io.BytesIO(data)), params).permute(1, 2, 0).numpy().astype(float)
         full = Image.open(io.BytesIO(data)).convert("RGB")  # full-size decode, torchvision's crop + resize
         snapped = [v // 4 * 4 for v in params.crop]  # decoded at 1/4: the crop on that pixel grid
@@ -265,7 +273,7 @@ def test_large_jpegs_are_decoded_at_reduced_size_without_losing_resolution(monke
     assert drafts == [(256, 192)] * 4
     drafts.clear()
     small = TrainTransform(224, crop_scale=(0.9, 1.0), randaugment=False, hflip=False)
-    out = small([_photo(256, 256)], random.Random(0))
+    out = small([_photo(256, 256)], torch.Generator().manual_seed(0))
     assert drafts == [] and out.shape == (1, 3, 224, 224)  # a 256 px image is decoded in full
 
 

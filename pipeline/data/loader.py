@@ -13,7 +13,7 @@ Training stream of one dataloader worker (``TrainLoader``)::
     skip    -- resume: drop the raw samples this worker had already delivered (no decoding)
     decode  -- PIL decode (reduced-size for JPEGs when the crop allows), ALBEF train
                transforms, caption cleaning; a corrupt sample is skipped and counted; the
-               caption choice and augmentation draw from a per-sample random.Random
+               caption choice and augmentation draw from per-sample generators
     batch   -- full batches of ``data.batch_size``; uint8 images stacked, then normalised at once
     take    -- this worker's share of the epoch's batches
 
@@ -202,11 +202,11 @@ def _pixels(sample: dict, transform: Callable) -> torch.Tensor:
     return torch.stack(out) if frames else out[0]
 
 
-def _augmented(sample: dict, transform: TrainTransform, rng: random.Random) -> torch.Tensor:
+def _augmented(sample: dict, transform: TrainTransform, g: torch.Generator) -> torch.Tensor:
     """Training: uint8 ``[3, S, S]`` for an image sample, ``[T, 3, S, S]`` for a video sample
     (one crop, flip and op list for all frames of a clip)."""
     frames = _frame_bytes(sample)
-    out = transform(frames or [_image_bytes(sample)], rng)
+    out = transform(frames or [_image_bytes(sample)], g)
     return out if frames else out[0]
 
 
@@ -278,12 +278,12 @@ class _TrainStream(IterableDataset):
         self.transform, self.max_words = transform, max_words
 
     def _sample(self, worker: int, sample: dict) -> dict:
-        # augmentation = f(seed, epoch, rank, worker, index), drawn from a generator of its own
-        rng = random.Random(_seed_of("sample", self.seed, self.epoch, self.rank, worker, sample["__raw__"]))
-        caption = pre_caption(_text_of(sample, rng), self.max_words)
+        # augmentation = f(seed, epoch, rank, worker, index), drawn from generators of its own
+        s = _seed_of("sample", self.seed, self.epoch, self.rank, worker, sample["__raw__"])
+        caption = pre_caption(_text_of(sample, random.Random(s)), self.max_words)
         if not caption:
             raise ValueError(f"sample {sample.get('__key__')!r}: empty caption")
-        image = _augmented(sample, self.transform, rng)
+        image = _augmented(sample, self.transform, torch.Generator().manual_seed(s))
         return {"image": image, "text": caption, "__raw__": sample["__raw__"], "__key__": sample["__key__"]}
 
     def _raw_samples(self, worker: int, num_workers: int, errors: SkipCounter) -> Iterator[dict]:

@@ -3,15 +3,15 @@
 Train (:class:`TrainTransform`): RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment(2, 7)
 restricted to ALBEF's op set (no colour-changing ops, so captions that name colours stay true;
 bilinear, as ALBEF's) -> uint8 ``[3, S, S]``; :func:`normalize` turns a stacked batch into CLIP/ALBEF-normalised floats.
-The randomness comes from a ``random.Random`` the caller passes in (one per sample), so the
-augmentation of a sample is a pure function of that generator's seed and no global RNG is touched.
+The randomness comes from a ``torch.Generator`` the caller passes in (one per sample): the draws
+torchvision's transforms would make from the global RNG seeded alike, so the augmentation of a
+sample is a pure function of that generator's seed and no global RNG is touched.
 Eval: bicubic resize to a square, no augmentation.
 """
 from __future__ import annotations
 
 import io
 import math
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,17 +68,19 @@ class AugmentParams:
     ops: tuple[tuple[str, float], ...]
 
 
-def _crop_box(width: int, height: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
-    """``T.RandomResizedCrop.get_params`` drawing from ``rng`` instead of torch's global RNG."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+def _crop_box(width: int, height: int, scale, ratio, g: torch.Generator) -> tuple[int, int, int, int]:
+    """``T.RandomResizedCrop.get_params``, the same draws from ``g`` instead of torch's global RNG."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+            top = torch.randint(0, height - h + 1, size=(1,), generator=g).item()
+            left = torch.randint(0, width - w + 1, size=(1,), generator=g).item()
+            return top, left, h, w
     in_ratio = width / height  # fallback: central crop at the nearest allowed aspect ratio
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
@@ -106,14 +108,15 @@ class TrainTransform:
         self.ops = augment.op_table(self.size) if randaugment else []
         self.interpolation = augment.interpolation
 
-    def sample(self, width: int, height: int, rng: random.Random) -> AugmentParams:
-        """The augmentation of a ``width x height`` source image, drawn from ``rng``."""
-        crop = _crop_box(width, height, self.scale, RATIO, rng)
-        flip = self.hflip and rng.random() < 0.5
+    def sample(self, width: int, height: int, g: torch.Generator) -> AugmentParams:
+        """The augmentation of a ``width x height`` source image: the draws torchvision's
+        RandomResizedCrop, RandomHorizontalFlip and RandAugment make, in their order, from ``g``."""
+        crop = _crop_box(width, height, self.scale, RATIO, g)
+        flip = self.hflip and bool(torch.rand(1, generator=g) < 0.5)
         ops = []
         for _ in range(self.num_ops):
-            name, magnitude, signed = self.ops[rng.randrange(len(self.ops))]
-            ops.append((name, -magnitude if signed and rng.random() < 0.5 else magnitude))
+            name, magnitude, signed = self.ops[int(torch.randint(len(self.ops), (1,), generator=g).item())]
+            ops.append((name, -magnitude if signed and torch.randint(2, (1,), generator=g) else magnitude))
         return AugmentParams(crop, flip, tuple(ops))
 
     def apply(self, img: Image.Image, params: AugmentParams) -> torch.Tensor:
@@ -146,10 +149,10 @@ class TrainTransform:
             out = torch.from_numpy(np.array(aug)).permute(2, 0, 1)
         return out
 
-    def __call__(self, frames: list[bytes], rng: random.Random) -> torch.Tensor:
+    def __call__(self, frames: list[bytes], g: torch.Generator) -> torch.Tensor:
         """Encoded frames (one for an image) -> uint8 ``[T, 3, S, S]``."""
         images = [Image.open(io.BytesIO(f)) for f in frames]
-        params = self.sample(*images[0].size, rng)
+        params = self.sample(*images[0].size, g)
         return torch.stack([self.apply(img, params) for img in images])
 
 
