@@ -402,54 +402,11 @@ def bench_table(args) -> list[dict]:
     return rows
 
 
-# -- data: does loading keep up with training? -----------------------------------------------
+# -- data: does loading keep up with training? (pipeline/bench_data.py) ----------------------
 def bench_data(args) -> list[dict]:
-    """Loader samples/s (decode + ALBEF train transforms) with 1 and 2 workers on synthetic
-    shards, next to the samples/s of the config's training step on this machine."""
-    import tempfile
-    from dataclasses import replace
+    from pipeline.bench_data import bench_data as run
 
-    from data_prep import synthetic
-    from pipeline.config import load_config
-    from pipeline.data.loader import TrainLoader
-    from pipeline.models import build_model
-
-    cfg = load_config(args.config)
-    batch = cfg.data.batch_size
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        synthetic.build(tmp, num=args.num, image_size=max(cfg.data.image_size, 96), shard_size=args.num // 4,
-                        min_shards=1)
-        for workers in (1, 2):
-            data_cfg = replace(cfg.data, train_shards=tmp, workers=workers, train_num_samples=args.num)
-            loader = TrainLoader(data_cfg)
-            start, seen = None, 0
-            for i, b in enumerate(loader.iter_epoch(0)):
-                if i == 0:  # worker start-up is not throughput
-                    start = time.perf_counter()
-                    continue
-                seen += len(b["text"])
-            rows.append({"method": f"loader, {workers} worker{'s' * (workers > 1)}",
-                         "samples_per_s": seen / (time.perf_counter() - start)})
-    model = build_model(cfg.model).train()
-    size = cfg.data.image_size
-    data = {"image": torch.randn(batch, 3, size, size), "text": [STEP_CAPTION] * batch, "epoch_progress": 1.0}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model(data)["loss"].backward()
-        optimizer.step()
-
-    wall = median_wall(step, repeats=args.repeats)
-    rows.append({"method": f"training step ({args.config}, batch {batch}, 1 process)", "samples_per_s": batch / wall})
-    print(f"[bench] data: {args.num} synthetic samples, batch {batch}, {args.config}'s train transforms")
-    print(format_table(rows, [("method", "what", "{}"), ("samples_per_s", "samples/s", "{:.1f}")]))
-    verdict = "keeps up" if rows[1]["samples_per_s"] >= rows[2]["samples_per_s"] else "is the bottleneck"
-    print(f"with 2 workers the loader {verdict} (1 worker: {rows[0]['samples_per_s']:.0f} samples/s); "
-          "training ranks on one node share the CPU cores, so give each rank data.workers accordingly")
-    return rows
+    return run(args)
 
 
 # -- evlgen: one EVLGen training step per connector ------------------------------------------
@@ -650,11 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--repeats", type=int, default=None, help="timed steps per method; 0 = FLOPs and bytes only")
     table.add_argument("--backbones", default=",".join(PAPER), help="comma-separated (default: all)")
     table.add_argument("--methods", default=None, help="comma-separated subset of the reductions (default: all)")
-    data = sub.add_parser("data", help="loader samples/s with 1 and 2 workers next to the training step's")
-    data.add_argument("--config", default="tiny_albef_elip", help="config whose transforms and model are used")
-    data.add_argument("--num", type=int, default=1024, help="synthetic samples to load")
-    data.add_argument("--repeats", type=int, default=5)
-    data.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
+    from pipeline.bench_data import add_arguments as data_arguments
+
+    data_arguments(sub.add_parser("data", help="loader samples/s vs open_clip's and next to the training step's"))
     evl = sub.add_parser("evlgen", help="one EVLGen training step per connector (TomeFormer, Q-Former, no merge)")
     evl.add_argument("--quick", action="store_true", help="CPU size (same token counts): --size quick")
     evl.add_argument("--size", choices=sorted(EVLGEN_SIZES), default="paper")
