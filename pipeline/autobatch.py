@@ -275,13 +275,14 @@ def search(cfg: ExperimentConfig, *, device: torch.device, world_size: int,
            local_world_size: int = 1) -> AutobatchResult:
     """Build the configured model on ``device`` and find its micro-batch under ``autobatch.budget``."""
     from pipeline.models import build_model
+    from pipeline.models.layers import DTYPES
     from pipeline.tokens.plan import ReductionConfig
     from pipeline.train.optim import build_ds_config
 
     budget = parse_budget(cfg.autobatch)
     if budget == "off":
         raise ConfigError("autobatch.budget: is off; set free, baseline or a number of GiB")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
+    dtype = DTYPES[cfg.train.precision]
     stage = int(build_ds_config(cfg, world_size).get("zero_optimization", {}).get("stage", 0))
 
     def built(model_cfg) -> torch.nn.Module:

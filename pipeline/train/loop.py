@@ -16,6 +16,7 @@ import torch.distributed as dist
 from pipeline.config import ExperimentConfig, save_config
 from pipeline.data import TrainLoader
 from pipeline.models import build_model
+from pipeline.models.layers import DTYPES
 
 from . import checkpoint as ckpt
 from .distributed import DistInfo, setup_distributed
@@ -23,8 +24,6 @@ from .monitor import Monitor, kept_patch_grid, peak_memory_gb
 from .optim import build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
 
 log = logging.getLogger("pipeline.train")
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class StopFlag:
