@@ -83,7 +83,7 @@ def sentencepiece_style_tokenizer(out) -> str:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.models.tiny_llm import caption_corpus
+    from data_prep.tiny_llm import caption_corpus
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), "isolated"),
