@@ -16,25 +16,18 @@ import torch.nn.functional as F
 
 from pipeline.models import register_model
 from pipeline.models.losses import mask_tokens, sample_hard_negatives
-from pipeline.models.momentum import MomentumContrast
+from pipeline.models.momentum import MomentumConfig, MomentumContrast
 from pipeline.models.pairing import check_pairing
-from pipeline.models.text import BertTextFusion, TextConfig, load_tokenizer
+from pipeline.models.text import BertTextFusion, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
 
 
 @dataclass
-class AlbefConfig:
+class AlbefConfig(MomentumConfig):
     """``model:`` section for ``name: albef`` (defaults: the paper's ViT-B/16 at 256 px + BERT-base)."""
 
     name: str = "albef"
     vision: VitConfig = field(default_factory=lambda: VitConfig(image_size=256))
-    text: TextConfig = field(default_factory=TextConfig)
-    embed_dim: int = 256
-    temp: float = 0.07
-    queue_size: int = 65536
-    momentum: float = 0.995
-    alpha: float = 0.4
-    distill: bool = True
     mlm_probability: float = 0.15
 
 

@@ -20,15 +20,15 @@ from transformers.models.bert.modeling_bert import BertAttention
 
 from pipeline.models import register_model
 from pipeline.models.losses import sample_hard_negatives
-from pipeline.models.momentum import MomentumContrast
 from pipeline.models.layers import bert_init, checkpointed
+from pipeline.models.momentum import MomentumConfig, MomentumContrast
 from pipeline.models.pairing import check_pairing
 from pipeline.models.text import BertTextFusion, TextConfig, causal_bias, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
 
 
 @dataclass
-class BlipConfig:
+class BlipConfig(MomentumConfig):
     """``model:`` section for ``name: blip`` (defaults: BLIP's ViT-B/16 at 224 px + BERT-base).
 
     ``text.text_layers`` must equal the BERT depth: BLIP's unimodal encoder runs every layer.
@@ -38,12 +38,7 @@ class BlipConfig:
     name: str = "blip"
     vision: VitConfig = field(default_factory=lambda: VitConfig(image_size=224))
     text: TextConfig = field(default_factory=lambda: TextConfig(text_layers=12))
-    embed_dim: int = 256
-    temp: float = 0.07
     queue_size: int = 57600
-    momentum: float = 0.995
-    alpha: float = 0.4
-    distill: bool = True
     label_smoothing: float = 0.1
     prompt: str = "a picture of "
 

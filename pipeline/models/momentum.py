@@ -7,7 +7,7 @@ teacher ViT runs unpruned, as in the official ELIP code; the queues hold every r
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -16,9 +16,26 @@ import torch.nn.functional as F
 
 from pipeline.models.losses import concat_all_gather, itc_loss
 from pipeline.models.pairing import encode_pair
-from pipeline.models.text import TextOutput, tokenize
-from pipeline.models.vit import VisionEncoder, VisionOutput
+from pipeline.models.text import TextConfig, TextOutput, tokenize
+from pipeline.models.vit import VisionEncoder, VisionOutput, VitConfig
 from pipeline.tokens.plan import ReductionConfig
+
+
+@dataclass
+class MomentumConfig:
+    """The ``model:`` keys every :class:`MomentumContrast` backbone has (ALBEF's and BLIP's
+    configs extend it): the encoders, the ITC projection width and temperature, the feature
+    queue, the teacher's EMA momentum and the distillation weight."""
+
+    name: str = ""
+    vision: VitConfig = field(default_factory=VitConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.995
+    alpha: float = 0.4
+    distill: bool = True
 
 
 class ItcStep(NamedTuple):
@@ -44,8 +61,7 @@ class ItcStep(NamedTuple):
 class MomentumContrast(nn.Module):
     """Base of ALBEF and BLIP: tokenizer call, momentum update, queues, ITC with distillation.
 
-    The config must have ``vision``, ``text.max_tokens``, ``embed_dim``, ``temp``,
-    ``queue_size``, ``momentum``, ``alpha`` and ``distill``.
+    Its config is a :class:`MomentumConfig`.
     """
 
     def init_momentum(self, cfg) -> None:
