@@ -29,8 +29,8 @@ class Reduced(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Identity:
-    """The step that does nothing."""
+class Reducer:
+    """A reduction step; this base does nothing (:data:`IDENTITY`), subclasses reduce."""
 
     needs_scores = False  # wants the [CLS]-query attention of its input tokens
     text_guided = False  # that query is the text-fused [CLS] (ELIP), not the layer's own
@@ -48,12 +48,11 @@ class Identity:
         return Reduced(x, size, None)
 
 
-IDENTITY = Identity()
-Reducer = Identity  # the step type: every step is an Identity that may do more
+IDENTITY = Reducer()
 
 
 @dataclass(frozen=True)
-class ElipSelect(Identity):
+class ElipSelect(Reducer):
     """ELIP before a layer: keep the ``keep`` patches the text-fused [CLS] attends to most, fuse
     the rest into one token (Eq. 3-4)."""
 
@@ -73,7 +72,7 @@ class ElipSelect(Identity):
 
 
 @dataclass(frozen=True)
-class EvitFuse(Identity):
+class EvitFuse(Reducer):
     """EViT after a layer's attention: keep ``ceil(rate * (N-1))`` tokens by the layer's own
     [CLS] attention, fuse the rest with their raw weights (the gradient flows through them)."""
 
@@ -92,7 +91,7 @@ class EvitFuse(Identity):
 
 
 @dataclass(frozen=True)
-class TomeMerge(Identity):
+class TomeMerge(Reducer):
     """ToMe after a layer's attention: merge ``r`` tokens by bipartite soft matching of the
     head-averaged keys, size-weighted."""
 
