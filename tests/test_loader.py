@@ -188,7 +188,7 @@ def test_eval_loader_yields_every_image_once_with_all_captions(tmp_path):
 
 
 def _photo(width, height):
-    from pipeline.bench_data import photo_jpeg
+    from pipeline.bench.data import photo_jpeg
 
     return photo_jpeg(7, width, height)
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench data`: does loading keep up with training, and is it faster than open_clip's?
+"""``data`` (`python -m pipeline.bench data`): does loading keep up with training, and is it faster than open_clip's?
 
 On the same webdataset shards of photo-like JPEGs (smooth colour fields with texture, so they
 compress and decode like photographs, not like flat drawings) it measures, per image size and
@@ -32,10 +32,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.bench.harness import STEP_CAPTION, format_table
+from pipeline.device import pick_device
+from pipeline.train.profile import median_wall
+
 LIKE_FOR_LIKE = dict(image_size=224, crop_scale=[0.9, 1.0], hflip=False, randaugment=False)
 SHUFFLE = 1000  # open_clip's initial sample buffer (_SAMPLE_SHUFFLE_INITIAL); ours gets the same
 POOL = 32  # distinct images per size (drawing one costs more than loading it)
-CAPTION = "two red circles at the top left and a blue square in the bottom right of the picture"
+HELP = "loader samples/s vs open_clip's and next to the training step's"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -79,8 +83,8 @@ def write_photo_shards(out: Path, num: int, width: int, height: int, shards: int
         keys = range(s * per, min(num, (s + 1) * per))
         with wds.TarWriter(str(out / name), mtime=int(time.time())) as sink:  # as data_prep writes
             for i in keys:
-                sink.write({"__key__": f"{i:08d}", "jpg": pool[i % POOL], "txt": CAPTION,
-                            "json": json.dumps({"captions": [CAPTION], "source": "bench"}).encode()})
+                sink.write({"__key__": f"{i:08d}", "jpg": pool[i % POOL], "txt": STEP_CAPTION,
+                            "json": json.dumps({"captions": [STEP_CAPTION], "source": "bench"}).encode()})
         entries.append({"name": name, "num_samples": len(keys)})
     (out / "manifest.json").write_text(json.dumps({"num_samples": num, "shards": entries}))
     return str(out / f"photo-{{000000..{shards - 1:06d}}}.tar")
@@ -139,13 +143,12 @@ def samples_per_s(batches, warmup: int) -> float:
 def training_step_row(cfg, name: str, repeats: int) -> dict:
     """Samples/s of the config's training step (forward + backward + AdamW) on this machine's
     accelerator (bf16 autocast on a GPU, fp32 on CPU)."""
-    from pipeline.eval.profile import median_wall
     from pipeline.models import build_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device().type
     batch, size = cfg.data.batch_size, cfg.data.image_size
     model = build_model(cfg.model).train().to(device)
-    data = {"image": torch.randn(batch, 3, size, size, device=device), "text": [CAPTION] * batch,
+    data = {"image": torch.randn(batch, 3, size, size, device=device), "text": [STEP_CAPTION] * batch,
             "epoch_progress": 1.0}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -160,8 +163,7 @@ def training_step_row(cfg, name: str, repeats: int) -> dict:
     return {"setting": "training step", "method": f"{name}, batch {batch}, 1 {device}", "samples_per_s": batch / wall}
 
 
-def bench_data(args) -> list[dict]:
-    from pipeline.bench import format_table
+def run(args) -> list[dict]:
     from pipeline.config import DataConfig, load_config
 
     _import_open_clip()  # fail before building any shards
@@ -216,4 +218,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="loader batch size")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
     parser.add_argument("--repeats", type=int, default=5, help="timed training steps")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line {'rows': [...]}")
