@@ -209,12 +209,19 @@ def prune(ckpt_dir: Path, keep: int, protect: Path) -> None:
 
 
 def check(tag_dir: Path) -> None:
-    """Every file of a checkpoint opens and names only allowed classes; raises
+    """Every file of a checkpoint is there, opens and names only allowed classes; raises
     :class:`CheckpointError` naming the first one that does not. Cheap (no tensor is read)."""
-    files = sorted(tag_dir.glob("*.pt"))
-    if not files:
-        raise CheckpointError(f"checkpoint {tag_dir} holds no .pt files")
-    for f in files:
+    model = [tag_dir / "mp_rank_00_model_states.pt", tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    if not any(f.is_file() for f in model):
+        raise CheckpointError(f"checkpoint file {model[0]} is missing (nor is there {model[1].name})")
+    partitions = list(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
+    if partitions:
+        world = int(read_meta(tag_dir).get("world_size", len(partitions)))
+        for r in range(world):
+            if not any(tag_dir.glob(f"*zero_pp_rank_{r}_*optim_states.pt")):
+                raise CheckpointError(f"checkpoint {tag_dir} was saved by {world} ranks but the ZeRO optimizer "
+                                      f"partition of rank {r} is missing")
+    for f in sorted(tag_dir.glob("*.pt")):
         check_file(f)
 
 
