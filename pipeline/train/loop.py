@@ -466,7 +466,7 @@ def train(cfg: ExperimentConfig) -> str:
             save_config(cfg, run_dir / "config.yaml")
         trainer = Trainer(cfg, info)
         state = trainer.train()
-    except Exception as err:  # any rank that fails says so; the launcher stops the others
+    except (Exception, KeyboardInterrupt) as err:  # any rank that fails says so; the launcher stops the others
         _write_failure(run_dir, started, trainer.step if trainer else 0, err, info.rank)
         raise
     dist.barrier()
