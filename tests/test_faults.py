@@ -168,6 +168,35 @@ def test_a_pickle_payload_in_any_checkpoint_file_is_refused(setup, tmp_path, nam
     assert not marker.exists()
 
 
+SPY = """
+import json, sys, torch
+calls = []
+load = torch.load
+def spy(*args, **kwargs):
+    calls.append(kwargs.get("weights_only"))
+    return load(*args, **kwargs)
+torch.load = spy  # DeepSpeed's checkpoint engine and ours both call torch.load through the module
+from pipeline.config import load_config
+from pipeline.train.distributed import setup_distributed
+from pipeline.train.loop import Trainer
+trainer = Trainer(load_config(sys.argv[1]), setup_distributed())
+print(json.dumps({"step": trainer.step, "calls": calls}))
+"""
+
+
+@pytest.mark.slow
+def test_resume_through_the_deepspeed_engine_loads_weights_only(setup, env):
+    """A real resume (``engine.load_checkpoint``: model states, ZeRO partition, scheduler, then
+    the trainer state) calls ``torch.load`` only with ``weights_only=True``."""
+    _, _, straight = setup
+    r = subprocess.run([sys.executable, "-c", SPY, str(straight / "config.yaml")], cwd=repo_root(), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["step"] == STEPS
+    assert len(got["calls"]) >= 3 and set(got["calls"]) == {True}, got["calls"]
+
+
 def test_checkpoint_files_hold_only_allow_listed_classes(setup):
     """What the trainer writes passes the pre-check and loads with weights_only (RNG state as
     tensors and ints, not numpy objects)."""
