@@ -276,6 +276,26 @@ def test_no_loadable_checkpoint_fails_with_one_line_and_status_failed(setup, tmp
     assert status["state"] == "failed" and status["error"] == line[0][len("error: "):]
 
 
+def test_checkpoint_files_are_fsynced_as_they_are_written(tmp_path, monkeypatch):
+    """What the engine and the trainer write goes through save_file, which fsyncs each file
+    (the marker is written after every rank's save_file returned)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+        _config = None
+
+    engine = Engine()
+    ckpt.use_safe_engine(engine)
+    engine.checkpoint_engine.save({"w": torch.ones(3)}, str(tmp_path / "a.pt"))
+    ckpt.save_file({"rng": torch.zeros(2)}, tmp_path / "b.pt")
+    assert synced == [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+
+
 # --------------------------------------------------------------------------- disk full
 
 
