@@ -322,9 +322,9 @@ def test_a_full_disk_is_named_with_the_file(small_tmpfs):
 @pytest.mark.slow
 def test_disk_full_during_a_save_fails_with_one_line_and_status_failed(setup, tmp_path, env, small_tmpfs):
     """The checkpoints directory is a 64 KiB tmpfs: the first save fills it."""
-    _, config, _ = setup
+    root, _, _ = setup
     run = small_tmpfs.parent
-    cfg = toy_config_dict(str(run), str(setup[0] / "shards"), optim={"max_steps": 4},
+    cfg = toy_config_dict(str(run), str(root / "shards"), optim={"max_steps": 4},
                           train={"checkpoint_every": 2, "image_grid_every": 0})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     r = _train(tmp_path / "c.yaml", env)
