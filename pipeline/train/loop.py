@@ -192,7 +192,7 @@ class Trainer:
                 return tag_dir
             if ok:
                 log.warning("skipping checkpoint %s: another rank cannot read its files", tag_dir)
-        raise CheckpointError(f"train.resume={self.cfg.train.resume}: no checkpoint of {self.ckpt_dir} loads "
+        raise CheckpointError(f"train.resume={self.cfg.train.resume}: no checkpoint of {newest.parent} loads "
                               f"({len(candidates)} tried; newest: {reasons[0] if reasons else 'on another rank'})")
 
     def _resume(self, tag_dir: Path | None) -> None:
