@@ -14,8 +14,8 @@ from tests.test_train import metrics
 
 def _train(config: str, run, data, *overrides):
     cmd = [sys.executable, "-m", "pipeline.train", "--config", config, f"train.run_dir={run}",
-           f"data.train_shards={data}", "data.workers=1", "train.log_every=10", "train.checkpoint_every=0",
-           *overrides]
+           f"data.train_shards={data}", f"eval.shards={data.parent / 'eval'}", "data.workers=1", "train.log_every=10",
+           "train.checkpoint_every=0", *overrides]
     r = subprocess.run(cmd, cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r

@@ -120,7 +120,7 @@ def test_train_cli_refuses_pipe_without_the_flag_and_accepts_it_with(shard, tmp_
     assert main(args + [f"eval.shards={shard}"]) == 2
     assert "--allow-pipe-shards" in capsys.readouterr().err
     # with the flag the pipe: spec passes; the next check (a missing eval set) is what stops it
-    assert main(["--allow-pipe-shards", *args, f"eval.shards={tmp_path / 'nope'}"]) == 2
+    assert main(["--allow-pipe-shards", *args, "eval.every=10", f"eval.shards={tmp_path / 'nope'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("config error: eval.shards=") and "no such file or directory" in err and "allow" not in err
     assert not (tmp_path / "run").exists()

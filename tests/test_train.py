@@ -195,7 +195,7 @@ def test_zero3_offload_trains_and_checkpoints_on_cpu(setup):
     tag = ckpt.find_latest(root / "offload" / "checkpoints")
     assert tag.name == "step00000003" and any(tag.glob("*zero_pp_rank_1_*optim_states.pt"))
     model = ToyModel(ToyConfig())
-    ckpt.load_weights(model, root / "offload")
+    weights.load_weights(model, root / "offload")
 
 
 @pytest.mark.slow

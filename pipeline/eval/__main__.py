@@ -27,7 +27,7 @@ from pipeline.data.shards import allow_pipe_shards, check_shard_spec
 from pipeline.device import pick_device
 from pipeline.eval.tasks import check_contract, evaluation
 from pipeline.models import build_model
-from pipeline.models.weights import load_weights, read_meta
+from pipeline.models.weights import CheckpointError, load_weights, read_meta
 
 
 def _open_run(args):
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return {"retrieval": _retrieval, "caption": _caption, "vqa-score": _vqa_score}[args.task](args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

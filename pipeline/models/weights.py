@@ -64,16 +64,136 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no complete checkpoint (a tag directory with {MARKER}) at {str(path)!r}")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: missing, damaged (truncated, not a torch file) or
+    holding objects outside the allow-list. The message names the file."""
+
+
+def _allowed_globals() -> list:
+    """The only classes (besides tensors and plain containers) unpickled from a checkpoint: the
+    ones DeepSpeed's ZeRO optimizer partitions hold. Everything else is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _reason(err: BaseException) -> str:
+    """The telling line of torch's (long, multi-paragraph) load errors."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line
+    return lines[0] if lines else type(err).__name__
+
+
+def load_file(path: str | Path, *, map_location="cpu", mmap: bool = False):
+    """``torch.load`` with ``weights_only=True`` and the DeepSpeed allow-list: no code in a
+    downloaded checkpoint runs. Every failure is a :class:`CheckpointError` naming ``path``."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported" in str(err):
+            raise CheckpointError(f"checkpoint file {path} holds objects outside the allow-list, refused "
+                                  f"(nothing was executed): {_reason(err)}") from None
+        raise CheckpointError(f"checkpoint file {path} is damaged: {_reason(err)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint file {path} is damaged: {_reason(err)}") from None
+
+
+def check_file(path: str | Path) -> None:
+    """Cheap check before an engine touches a checkpoint (resume fallback): the file opens as a
+    torch archive (a truncated one has lost its central directory) and its pickle names no class
+    outside the allow-list. The real load is still ``weights_only``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as err:  # torch raises RuntimeError, pickle/zip errors alike for a bad archive
+        raise CheckpointError(f"checkpoint file {path} is damaged: {_reason(err)}") from None
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _allowed_globals()}
+    refused = [g for g in found if g not in allowed]
+    if refused:
+        raise CheckpointError(f"checkpoint file {path} holds objects outside the allow-list, refused: {refused[:4]}")
+
+
+def _zero_model_states(files: list[Path]) -> list:
+    """DeepSpeed's ``zero_to_fp32.parse_model_states``, reading through :func:`load_file`."""
+    from deepspeed.checkpoint.constants import BUFFER_NAMES, DS_VERSION, FROZEN_PARAM_FRAGMENTS, FROZEN_PARAM_SHAPES, PARAM_SHAPES
+    from deepspeed.utils.zero_to_fp32 import zero_model_state
+
+    states = []
+    for f in files:
+        sd = load_file(f)
+        if BUFFER_NAMES not in sd or PARAM_SHAPES not in sd:
+            raise CheckpointError(f"checkpoint file {f} is not a DeepSpeed model state file (no {BUFFER_NAMES!r})")
+        buffers = {k: v.float() if v.is_floating_point() else v for k, v in sd["module"].items()
+                   if k in sd[BUFFER_NAMES]}
+        states.append(zero_model_state(
+            buffers=buffers, param_shapes=sd[PARAM_SHAPES], shared_params=[list(kv) for kv in sd["shared_params"].items()],
+            ds_version=sd.get(DS_VERSION), frozen_param_shapes=sd.get(FROZEN_PARAM_SHAPES),
+            frozen_param_fragments=sd.get(FROZEN_PARAM_FRAGMENTS)))
+    return states
+
+
+def _zero_fp32_groups(files: list[Path], tag_dir: Path) -> tuple[int, int, list, object]:
+    """DeepSpeed's ``zero_to_fp32.parse_optim_states`` (the fp32 master partitions), reading
+    through :func:`load_file`."""
+    from deepspeed.checkpoint.constants import (FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM_ALIGNMENT_PADDINGS,
+                                                PARTITION_COUNT, SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE)
+
+    parts = []
+    for f in files:
+        sd = load_file(f, mmap=True)
+        if ZERO_STAGE not in sd.get(OPTIMIZER_STATE_DICT, {}):
+            raise CheckpointError(f"checkpoint file {f} is not a ZeRO optimizer partition (no {ZERO_STAGE!r})")
+        sd[OPTIMIZER_STATE_DICT].pop(OPTIMIZER_STATE_DICT, None)  # Adam moments: not needed for weights
+        parts.append(sd[OPTIMIZER_STATE_DICT])
+    stage, world = int(parts[0][ZERO_STAGE]), parts[0][PARTITION_COUNT]
+    world = max(world) if isinstance(world, list) else int(world)
+    if world != len(files):
+        raise CheckpointError(f"checkpoint {tag_dir} was saved by {world} ranks but holds {len(files)} "
+                              "ZeRO optimizer partitions")
+    key = SINGLE_PARTITION_OF_FP32_GROUPS if stage <= 2 else FP32_FLAT_GROUPS
+    return stage, world, [p[key] for p in parts], parts[0].get(PARAM_ALIGNMENT_PADDINGS)
+
+
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 model weights (and buffers) of a checkpoint, gathered from the ZeRO partitions; no
-    process group needed. Frozen parameters are not in it when they were excluded from saving."""
+    process group needed, nothing unpickled beyond tensors and the allow-list. Frozen parameters
+    are not in it when they were excluded from saving."""
     tag_dir = Path(tag_dir)
-    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    optim_files = sorted(tag_dir.glob("*zero_pp_rank_*optim_states.pt"), key=_rank_of)
+    if optim_files:
+        from deepspeed.utils import zero_to_fp32 as z
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        model_files = sorted(tag_dir.glob("*_model_states.pt"), key=_rank_of)
+        states = _zero_model_states(model_files)
+        stage, world, groups, paddings = _zero_fp32_groups(optim_files, tag_dir)
+        # the merge itself is DeepSpeed's (it only slices the tensors read above)
+        if stage <= 2:
+            merged = z._get_fp32_state_dict_from_zero2_checkpoint(world, groups, states, False, paddings)
+        else:
+            merged = z._get_fp32_state_dict_from_zero3_checkpoint(world, groups, states, False)
+        return z.to_torch_tensor(merged)
+    state = load_file(tag_dir / "mp_rank_00_model_states.pt")
     return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+
+
+def _rank_of(path: Path) -> tuple[int, str]:
+    """``zero_pp_rank_10_...`` sorts after ``zero_pp_rank_9_...`` (DeepSpeed's natural order)."""
+    import re
+
+    m = re.search(r"zero_pp_rank_(\d+)", path.name)
+    return (int(m.group(1)) if m else -1, path.name)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> Path:

@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_shard_spec(cfg.data.train_shards, "data.train_shards", cfg.data.train_weights)
-        if cfg.eval.shards:
+        if cfg.eval.every and cfg.eval.shards:  # the trainer reads them only when it evaluates
             check_shard_spec(cfg.eval.shards, "eval.shards")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from pipeline.models.weights import CheckpointError
     from pipeline.train.loop import train
     from pipeline.train.ops import announce_op_builds
     from pipeline.train.optim import build_ds_config, offloads_optimizer
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # found once the hardware is known (e.g. train.precision)
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:  # names the file; status.json says 'failed' with the same line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

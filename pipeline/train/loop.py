@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from pipeline.files import atomic_write_text
 from pipeline.models import build_model, eval_task
 from pipeline.models.contracts import GradCheckpointing, HasTeacher, PatchModel
 from pipeline.models.layers import DTYPES
-from pipeline.models.weights import init_from
+from pipeline.models.weights import CheckpointError, complete_tags, init_from
 
 from . import autobatch as ab
 from . import checkpoint as ckpt
@@ -64,6 +66,29 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
 def _write_status(run_dir: Path, state: str, step: int, **extra) -> None:
     atomic_write_text(run_dir / "status.json", json.dumps({"state": state, "step": step, "time": time.time(), **extra}))
+
+
+def failure_line(err: BaseException) -> str:
+    """The one line a failed run reports (stderr and ``status.json``): our own errors already
+    name their key or file; anything else gets its type in front."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (CheckpointError, ValueError, FileNotFoundError)):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+def _write_failure(run_dir: Path, started: float, step: int, err: BaseException, rank: int) -> None:
+    """status.json says 'failed' with the first failure's line: once one rank has failed, the
+    others' errors (a peer that went away) would only hide the cause."""
+    line = failure_line(err)
+    log.error("failed: %s", line)
+    try:
+        old = json.loads((run_dir / "status.json").read_text())
+        if old.get("state") == "failed" and old.get("time", 0) >= started:
+            return
+    except (OSError, ValueError):
+        pass
+    _write_status(run_dir, "failed", step, error=line, rank=rank)
 
 
 def _seed_all(seed: int) -> None:
@@ -123,7 +148,8 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * self.accum * info.world_size
 
         reject_scalar_parameters(model)
-        if t.init_from and ckpt.resolve_resume(t.resume, self.run_dir) is None:
+        resume_from = ckpt.resolve_resume(t.resume, self.run_dir)
+        if t.init_from and resume_from is None:
             tag_dir, copied, kept = init_from(model, t.init_from)
             if isinstance(model, HasTeacher):  # teacher copies (ALBEF's momentum encoders) follow
                 model.copy_params()
@@ -134,6 +160,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        ckpt.use_safe_engine(self.engine)
         log.info("model %s: %.2fM parameters (%.2fM trainable); %d ranks, %s, ZeRO stage %s (%s), %s",
                  cfg.model.name, n_all / 1e6, n_train / 1e6, info.world_size, info.device,
                  self.ds_config.get("zero_optimization", {}).get("stage", 0), t.deepspeed, t.precision)
@@ -144,16 +171,37 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.skipped_seen = 0  # fp16 overflow steps already reported
-        self._resume()
+        self._resume(resume_from)
 
     # ------------------------------------------------------------------ resume
 
-    def _resume(self) -> None:
+    def _loadable(self, newest: Path) -> Path:
+        """``newest``, or with ``train.resume=latest`` the newest older complete checkpoint whose
+        files all open (on every rank): a damaged one is skipped with a warning that says why."""
+        candidates = [newest]
+        if self.cfg.train.resume == "latest":
+            candidates += [d for d in reversed(complete_tags(self.ckpt_dir)) if d != newest]
+        reasons = []
+        for tag_dir in candidates:
+            try:
+                ckpt.check(tag_dir)
+                ok = 1
+            except CheckpointError as err:
+                ok, reasons = 0, reasons + [str(err)]
+                log.warning("skipping checkpoint %s: %s", tag_dir, err)
+            if self._reduce([float(ok)], dist.ReduceOp.MIN)[0] == 1:
+                return tag_dir
+            if ok:
+                log.warning("skipping checkpoint %s: another rank cannot read its files", tag_dir)
+        raise CheckpointError(f"train.resume={self.cfg.train.resume}: no checkpoint of {newest.parent} loads "
+                              f"({len(candidates)} tried; newest: {reasons[0] if reasons else 'on another rank'})")
+
+    def _resume(self, tag_dir: Path | None) -> None:
         info, t = self.info, self.cfg.train
-        tag_dir = ckpt.resolve_resume(t.resume, self.run_dir)
         if tag_dir is None:
             _seed_all(t.seed + info.rank)  # per-rank training randomness (dropout, masking)
             return
+        tag_dir = self._loadable(tag_dir)
         client, rank_state = ckpt.load(self.engine, tag_dir, rank=info.rank, exclude_frozen=self.exclude_frozen)
         self.step = int(client["step"])
         self.samples_seen = int(client.get("samples_seen", self.step * self.global_batch))
@@ -211,8 +259,9 @@ class Trainer:
         stop = StopFlag()
         stop.install()
         monitor = Monitor(self.run_dir, self.step, info.is_main)
+        dist.barrier()  # every rank is past resume: a rank that failed there has written 'failed'
         if info.is_main:
-            _write_status(self.run_dir, "running", self.step)
+            _write_status(self.run_dir, "running", self.step, pid=os.getpid(), host=socket.gethostname())
         engine = self.engine
         engine.train()
         device = info.device
@@ -379,8 +428,6 @@ def _autobatch(cfg: ExperimentConfig, info: DistInfo, run_dir: Path) -> Experime
     """``cfg`` with the micro-batch ``autobatch`` finds. Every rank probes its own device and
     all take the smallest answer; the result goes to ``RUN_DIR/autobatch.json``, which a
     resumed run reuses so that its batch matches its checkpoints."""
-    import os
-
     path = run_dir / "autobatch.json"
     if path.is_file():
         result = ab.AutobatchResult.from_dict(json.loads(path.read_text())["result"])
@@ -405,17 +452,24 @@ def _autobatch(cfg: ExperimentConfig, info: DistInfo, run_dir: Path) -> Experime
 def train(cfg: ExperimentConfig) -> str:
     """Run (or resume) a pre-training; returns 'finished', 'stopped' or 'preempted'."""
     check_precision(cfg.train.precision)  # before any process group or model exists
+    started = time.time()
     info = setup_distributed()
     run_dir = Path(cfg.train.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     _setup_logging(run_dir, info.rank)
-    if cfg.autobatch.budget != "off":
-        cfg = _autobatch(cfg, info, run_dir)
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    state = Trainer(cfg, info).train()
+    trainer = None
+    try:
+        if cfg.autobatch.budget != "off":
+            cfg = _autobatch(cfg, info, run_dir)
+        if info.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+        trainer = Trainer(cfg, info)
+        state = trainer.train()
+    except (Exception, KeyboardInterrupt) as err:  # any rank that fails says so; the launcher stops the others
+        _write_failure(run_dir, started, trainer.step if trainer else 0, err, info.rank)
+        raise
     dist.barrier()
     dist.destroy_process_group()
     return state
