@@ -86,10 +86,12 @@ def compose_distractors(seed: int, index: int, groups: list[dict], n: int, split
     return [_random_group(rng, pos) for pos in rng.sample(free, min(n, len(free)))]
 
 
-def draw(groups: list[dict], image_size: int = 96, rng: random.Random | None = None) -> Image.Image:
-    """Draw ``groups`` on a ``image_size`` square canvas; ``rng`` jitters sizes and places."""
+def draw(groups: list[dict], image_size: int = 96, rng: random.Random | None = None,
+         image: Image.Image | None = None) -> Image.Image:
+    """Draw ``groups`` on a ``image_size`` square canvas (or onto ``image``); ``rng`` jitters
+    sizes and places."""
     rng = rng or random.Random(0)
-    im = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    im = image if image is not None else Image.new("RGB", (image_size, image_size), BACKGROUND)
     d = ImageDraw.Draw(im)
     half = image_size / 2
     cell = half / 2  # each quadrant holds a 2x2 grid of slots, one shape per slot
@@ -120,7 +122,9 @@ def make_example(seed: int, index: int, image_size: int = 96, captions_per_image
     groups = compose(seed, index, split)
     unmentioned = compose_distractors(seed, index, groups, distractors, split) if distractors else []
     rng = _rng(seed, split + "/draw", index)
-    image = draw(groups + unmentioned, image_size, rng)
+    image = draw(groups, image_size, rng)
+    if unmentioned:  # its own stream: the described shapes and the captions stay as without distractors
+        draw(unmentioned, image_size, _rng(seed, split + "/draw-distractors", index), image)
     if captions_per_image <= 1:
         templates = [rng.randrange(NUM_TEMPLATES)]
     else:

@@ -18,7 +18,7 @@ COSTS = ("flops_per_sample", "peak_memory_bytes", "samples_per_s", "wall_s", "mi
 MEMORY_KINDS = {"cuda": "cuda_max_allocated", "cpu": "saved_for_backward"}
 # the metrics a sentence is written about, per task (the rest are in the table)
 HEADLINE = {"retrieval": ("txt_r1", "img_r1", "r_mean"), "caption": ("cider", "bleu_4")}
-SKIP_METRICS = ("step",)
+SKIP_METRICS = ("step", "num_images", "num_texts")  # sizes, not scores
 
 
 def _json(path: Path):

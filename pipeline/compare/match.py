@@ -45,8 +45,10 @@ def reduction_method(cfg: ExperimentConfig) -> str:
 
 def search(measure: Callable[[object], float | None], candidates: Sequence, target: float) -> tuple[object, float]:
     """The candidate whose ``measure`` is closest to ``target``, by bisection over ``candidates``
-    ordered so that ``measure`` is monotone in them; ``measure`` returns None for a candidate
-    the config refuses (skipped). Returns ``(candidate, measured)``."""
+    ordered so that ``measure`` is monotone in them. ``measure`` returns None for a value the
+    config refuses; the accepted values must be one contiguous run starting at the first
+    accepted one (e.g. ToMe's r is refused above what the token count allows). Returns
+    ``(candidate, measured)``."""
     cache: dict[int, float | None] = {}
 
     def at(i: int) -> float | None:
@@ -54,28 +56,24 @@ def search(measure: Callable[[object], float | None], candidates: Sequence, targ
             cache[i] = measure(candidates[i])
         return cache[i]
 
-    lo, hi = 0, len(candidates) - 1
-    while at(lo) is None and lo < hi:
-        lo += 1
-    while at(hi) is None and hi > lo:
-        hi -= 1
-    if at(lo) is None:
+    lo = next((i for i in range(len(candidates)) if at(i) is not None), None)
+    if lo is None:
         raise ConfigError("match: no candidate value is accepted by the config")
+    hi = len(candidates) - 1
+    if at(hi) is None:  # bisect for the last accepted value
+        ok, bad = lo, hi
+        while bad - ok > 1:
+            mid = (ok + bad) // 2
+            ok, bad = (mid, bad) if at(mid) is not None else (ok, mid)
+        hi = ok
     increasing = at(hi) >= at(lo)
-    # bisection for the crossing of target; invalid points in between are stepped over
-    while hi - lo > 1:
+    while hi - lo > 1:  # keep target between at(lo) and at(hi)
         mid = (lo + hi) // 2
-        probe = mid
-        while at(probe) is None and probe < hi:
-            probe += 1
-        if probe == hi:
-            hi = mid
-            continue
-        if (at(probe) < target) == increasing:
-            lo = probe
+        if (at(mid) < target) == increasing:
+            lo = mid
         else:
-            hi = probe
-    best = min((i for i in (lo, hi) if at(i) is not None), key=lambda i: abs(at(i) - target))
+            hi = mid
+    best = min((lo, hi), key=lambda i: abs(at(i) - target))
     return candidates[best], at(best)
 
 

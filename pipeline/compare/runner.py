@@ -68,11 +68,17 @@ def _run_logged(cmd: list[str], log_path: Path) -> int:
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env()).returncode
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def _tail(path: Path, lines: int = 12) -> str:
+    """The cause of the last command's failure in ``path``: its error lines (a config error, an
+    exception's last line) first, then the log's last lines."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace")
     except OSError:
         return ""
+    last = text.rsplit("\n$ ", 1)[-1].splitlines()
+    causes = [line.strip() for line in last if "config error:" in line or line.startswith(("RuntimeError", "ValueError",
+                                                                                           "ConfigError", "KeyError"))]
+    return "\n".join(dict.fromkeys(causes[-3:] + last[-lines:]))
 
 
 def train_command(config: str, overrides: list[str], ranks: int) -> list[str]:
@@ -129,6 +135,12 @@ class Runner:
 
     # ------------------------------------------------------------------ runs
 
+    def warm_start_overrides(self) -> list[str]:
+        # the command line's data and evaluation sets apply to it; its schedule is its own
+        shared = [e for e in self.extra if e.startswith(("data.", "eval."))]
+        return [*self.sweep.warm_start.overrides, *shared, f"train.run_dir={self.out / 'warm_start'}",
+                "train.resume=latest"]
+
     def warm_start(self) -> str | None:
         """Train the shared warm start once; returns an error message or None."""
         ws = self.sweep.warm_start
@@ -138,10 +150,7 @@ class Runner:
         if _state(run_dir) == "finished":
             return None
         self.log(f"[compare] warm start {ws.config} into {run_dir}")
-        # the command line's data and evaluation sets apply to it; its schedule is its own
-        shared = [e for e in self.extra if e.startswith(("data.", "eval."))]
-        overrides = [*ws.overrides, *shared, f"train.run_dir={run_dir}", "train.resume=latest"]
-        rc = _run_logged(train_command(ws.config, overrides, self.sweep.ranks), run_dir / LOG)
+        rc = _run_logged(train_command(ws.config, self.warm_start_overrides(), self.sweep.ranks), run_dir / LOG)
         if rc != 0 or _state(run_dir) != "finished":
             return f"warm start failed (exit {rc}); see {run_dir / LOG}:\n{_tail(run_dir / LOG)}"
         return None
@@ -207,6 +216,11 @@ class Runner:
         self.log(f"[compare] {variant.name} seed {seed}: finished")
         return "finished"
 
+    def tasks(self, only: list[str] | None = None) -> list[tuple[str, int]]:
+        """``(variant, seed)`` in the order :meth:`run` takes them (an array job's task ids)."""
+        names = only or list(self.sweep.variants)
+        return [(name, seed) for seed in self.seeds for name in names]
+
     def run(self, only: list[str] | None = None) -> dict[str, str]:
         """Every selected variant x seed; returns ``{"NAME/seedS": state}``."""
         names = only or list(self.sweep.variants)
@@ -218,9 +232,10 @@ class Runner:
                                                "seeds": self.seeds})
         warm_error = self.warm_start()
         states = {}
-        for name in names:
-            variant = self.sweep.variants[name]
-            for seed in self.seeds:
+        # seed-major: a sweep cut short has every variant at its first seeds
+        for seed in self.seeds:
+            for name in names:
+                variant = self.sweep.variants[name]
                 try:
                     states[f"{name}/seed{seed}"] = self.run_one(variant, seed, warm_error)
                 except Exception as err:  # noqa: BLE001 - one broken variant must not stop the sweep
