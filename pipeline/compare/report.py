@@ -72,7 +72,7 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r.get("match")
-        matched = (f"{m['override'].split('.')[-1]}: {m['kind']} {m['measured']:.4g} vs {m['reference']} "
+        matched = (f"{m['key'].rsplit('.', 1)[-1]}={m['value']}: {m['kind']} {m['measured']:.4g} vs {m['reference']} "
                    f"{m['target']:.4g}" + ("" if m["within_tolerance"] else " (OUTSIDE tolerance)")) if m else ""
         tokens = ">".join(str(t) for t in r["tokens_per_layer"]) if r["tokens_per_layer"] else "-"
         out.append(f"| {r['name']} | {_flops(r['flops_per_sample'])}{_ratio(r, 'flops_per_sample')} "
