@@ -45,6 +45,9 @@ if [[ ! -f "$DATA/synthetic_eval/manifest.json" ]]; then
     --min-shards 1 --no-progress
 fi
 
+# -- a config's stand-in LLM (EVLGen's model.llm.build_if_missing), built once; others: nothing ----
+"$PY" -m data_prep.tiny_llm --config "$CONFIG" "$@"
+
 train() {  # train CONFIG RUN_DIR [key=value ...]
   local config=$1 run_dir=$2; shift 2
   "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m pipeline.train --config "$config" \

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.models.evlgen import EvlgenConfig
-from pipeline.models.tiny_llm import build_tiny_llm
+from data_prep.tiny_llm import build_tiny_llm
 
 TINY_OPT = dict(model_type="opt", hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
                 word_embed_proj_dim=64, max_position_embeddings=128)

@@ -1,7 +1,8 @@
 """``python -m pipeline.bench evlgen``: every connector measured side by side, as JSON rows."""
 import json
 
-from pipeline.bench import EVLGEN_CONNECTORS, main
+from pipeline.bench import main
+from pipeline.bench.evlgen import CONNECTORS as EVLGEN_CONNECTORS
 
 
 def test_bench_evlgen_rows(capsys):

@@ -444,6 +444,26 @@ def test_report_prints_counts_and_top_errors(tmp_path, coco_dir, capsys):
     assert "top errors:" in text and "COCO_train2014_000000000005.jpg" in text
     res = cli("report", out)  # the command line works too
     assert res.returncode == 0 and "9 samples" in res.stdout
+    assert "shards: all 2 in manifest.json present and intact" in res.stdout
+
+
+def test_report_names_missing_and_cut_shards(tmp_path, capsys):
+    import tarfile
+
+    out = tmp_path / "out"
+    assert run("synthetic", "--num", 30, "--shard-size", 10, "--out", out, *FAST) == 0
+    names = [s["name"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+    (out / names[0]).unlink()
+    with tarfile.open(out / names[1]) as tf:  # cut exactly at the header of the 5th sample's first file
+        cut = [m.offset for m in tf.getmembers()][12]
+    data = (out / names[1]).read_bytes()
+    (out / names[1]).write_bytes(data[:cut])
+    capsys.readouterr()
+    assert run("report", out) == 0
+    text = capsys.readouterr().out
+    assert "shards: 2 of 3 in manifest.json missing or cut short, 16 samples lacking" in text
+    assert f"MISSING {names[0]}: its 10 samples are listed in manifest.json" in text
+    assert f"CUT {names[1]}: 4 of 10 samples readable" in text
 
 
 # ----------------------------------------------------------------------------- downloads

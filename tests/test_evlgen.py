@@ -84,7 +84,7 @@ def sentencepiece_style_tokenizer(out) -> str:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.models.tiny_llm import caption_corpus
+    from data_prep.tiny_llm import caption_corpus
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), "isolated"),
@@ -222,6 +222,20 @@ def test_unsupported_llm_or_missing_directory_is_a_clear_error(llms, tmp_path):
         EVLGen(replace(cfg, llm=LLMConfig(config={"model_type": "gpt2"})))
     with pytest.raises(FileNotFoundError, match="model.llm.pretrained: no config.json"):
         EVLGen(replace(cfg, llm=LLMConfig(pretrained=str(tmp_path / "nowhere"))))
+    # the model never builds an LLM: it names the command that does
+    with pytest.raises(FileNotFoundError, match="python -m data_prep.tiny_llm --config"):
+        EVLGen(replace(cfg, llm=LLMConfig(pretrained=str(tmp_path / "nowhere"), build_if_missing=True)))
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_data_prep_builds_the_tiny_llm_a_config_asks_for(tmp_path):
+    from data_prep.tiny_llm import build_for_config
+
+    assert build_for_config("tiny_albef_elip", []) is None  # no LLM to build
+    out = tmp_path / "llm"
+    assert build_for_config("tiny_evlgen_opt", [f"model.llm.pretrained={out}", "model.llm.build_steps=0"]) == out
+    assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+    assert build_for_config("tiny_evlgen_opt", [f"model.llm.pretrained={out}", "model.llm.build_if_missing=false"]) is None
 
 
 @pytest.mark.parametrize("name", ["vit_base_patch16_224", "eva_giant_patch14_clip_224"])

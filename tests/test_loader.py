@@ -12,6 +12,7 @@ from pipeline.config import DataConfig
 from pipeline.data import LoaderPosition, TrainLoader, build_eval_loader, parse_shard_spec, worker_batches
 from pipeline.data.loader import shard_assignment
 from pipeline.data.shards import ShardSpecError, shard_weights
+from pipeline.data.transforms import ALBEF_OPS
 from tests.helpers_train import write_shards
 
 
@@ -140,9 +141,13 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(tmp_path, capl
     assert len(batches) == 4 and all(len(b["text"]) == 4 for b in batches)  # training goes on
     keys = [k for b in batches for k in b["key"]]
     assert "000003" not in keys
-    assert loader.position.errors == 2  # the broken JPEG and the truncated tar
+    # the broken JPEG, and the truncated tar's lost samples against its manifest (8 listed)
+    read = len({k for k in keys if k.startswith("001")})
+    assert loader.position.errors == 1 + (8 - read) and read < 8
     logged = [r.getMessage() for r in caplog.records if "skipped a broken sample" in r.getMessage()]
     assert len(logged) == 1  # rate-limited: the first one, then at most one line per 30 s
+    named = [r.getMessage() for r in caplog.records if "toy-000001.tar has" in r.getMessage()]
+    assert len(named) == 1 and f"{8 - read} sample(s) missing" in named[0]  # once, though read twice
 
 
 def test_captions_are_cleaned_and_cut(tmp_path):
@@ -180,3 +185,149 @@ def test_eval_loader_yields_every_image_once_with_all_captions(tmp_path):
              for r in range(2)]
     rank_keys = [{k for b in bs for k in b["key"]} for bs in split]
     assert not rank_keys[0] & rank_keys[1] and rank_keys[0] | rank_keys[1] == set(keys)
+
+
+def _photo(width, height):
+    from pipeline.bench.data import photo_jpeg
+
+    return photo_jpeg(7, width, height)
+
+
+def test_augmentation_is_a_pure_function_of_its_generator():
+    from pipeline.data import TrainTransform
+
+    from torchvision import transforms as T
+
+    def gen(seed):
+        return torch.Generator().manual_seed(seed)
+
+    transform = TrainTransform(64, crop_scale=(0.2, 1.0), randaugment=True, hflip=True)
+    data = [_photo(160, 120)]
+    a, b = transform(data, gen(5)), transform(data, gen(5))
+    assert a.dtype == torch.uint8 and a.shape == (1, 3, 64, 64) and torch.equal(a, b)
+    outs = [transform(data, gen(s)) for s in range(8)]
+    assert len({o.numpy().tobytes() for o in outs}) == 8  # other seeds, other crops / ops
+    params = [transform.sample(160, 120, gen(s)) for s in range(200)]
+    for seed, p in enumerate(params[:20]):  # the draws torchvision's transforms make, seeded alike
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            crop = T.RandomResizedCrop.get_params(torch.zeros(3, 120, 160), [0.2, 1.0], [3 / 4, 4 / 3])
+            flip = bool(torch.rand(1) < 0.5)
+        assert p.crop == crop and p.flip == flip
+    assert {p.flip for p in params} == {True, False}
+    assert {name for p in params for name, _ in p.ops} == set(ALBEF_OPS)  # every ALBEF op, only those
+    assert all(len(p.ops) == 2 for p in params)
+
+
+def test_loader_never_touches_the_global_rngs(shards, monkeypatch):
+    import random
+
+    import numpy as np
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the loader reseeded torch's global generator")
+
+    monkeypatch.setattr(torch, "manual_seed", forbidden)
+    monkeypatch.setattr(torch.random, "manual_seed", forbidden)
+    monkeypatch.setattr(torch.random, "fork_rng", forbidden)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    cfg = data_cfg(shards / "a", randaugment=True, crop_scale=[0.2, 1.0])
+    first = [b["image"] for b in TrainLoader(cfg).iter_epoch(0)]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    torch.rand(5)  # another consumer of the global RNG changes nothing in the data
+    random.random()
+    again = [b["image"] for b in TrainLoader(cfg).iter_epoch(0)]
+    assert all(torch.equal(x, y) for x, y in zip(first, again)) and len(first) == 8
+
+
+def test_large_jpegs_are_decoded_at_reduced_size_without_losing_resolution(monkeypatch):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from PIL.JpegImagePlugin import JpegImageFile
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from pipeline.data import TrainTransform
+
+    drafts = []
+    real_draft = JpegImageFile.draft
+    monkeypatch.setattr(JpegImageFile, "draft", lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size))
+    transform = TrainTransform(112, crop_scale=(0.9, 1.0), randaugment=False, hflip=False)
+    y, x = np.mgrid[0:768, 0:1024]
+    waves = [128 + 100 * np.sin(2 * np.pi * x / 60 + c) * np.cos(2 * np.pi * y / 50 + c) for c in range(3)]
+    buf = io.BytesIO()  # detail of about 7 output pixels per period: lost if decoded too small
+    Image.fromarray(np.stack(waves, -1).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    for seed in range(4):
+        params = transform.sample(1024, 768, torch.Generator().manual_seed(seed))
+        out = transform.apply(Image.open(io.BytesIO(data)), params).permute(1, 2, 0).numpy().astype(float)
+        full = Image.open(io.BytesIO(data)).convert("RGB")  # full-size decode, torchvision's crop + resize
+        snapped = [v // 4 * 4 for v in params.crop]  # decoded at 1/4: the crop on that pixel grid
+        ref = np.array(TF.resized_crop(full, *snapped, [112, 112], InterpolationMode.BICUBIC)).astype(float)
+        assert np.abs(out - ref).mean() < 1.5  # the same picture (decoded at 1/8: 2.8) ...
+        assert abs(out.std() / ref.std() - 1) < 0.02  # ... with its contrast (at 1/8: 0.93): the same resolution
+    # crops of >= 690 of 768 rows, 112 px out: decoded at 1/4 (>= 172 rows), not 1/8 (86 < 112)
+    assert drafts == [(256, 192)] * 4
+    drafts.clear()
+    small = TrainTransform(224, crop_scale=(0.9, 1.0), randaugment=False, hflip=False)
+    out = small([_photo(256, 256)], torch.Generator().manual_seed(0))
+    assert drafts == [] and out.shape == (1, 3, 224, 224)  # a 256 px image is decoded in full
+
+
+def _cut_points(tar):
+    """Offsets of every member's header start and a point inside each header."""
+    with tarfile.open(tar) as tf:
+        starts = [m.offset for m in tf.getmembers()]
+    return starts, [o + 100 for o in starts]
+
+
+def _epoch_account(directory, num, caplog, **kw):
+    loader = TrainLoader(data_cfg(directory, train_num_samples=num, shuffle_buffer=0, randaugment=False, **kw))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        keys = {k for b in loader.iter_epoch(0) for k in b["key"]}
+    return keys, loader.position.errors, [r.getMessage() for r in caplog.records]
+
+
+def test_a_tar_cut_at_or_inside_a_header_is_counted_and_named(tmp_path, caplog):
+    import random
+
+    write_shards(tmp_path, shards=1, per_shard=50, size=16)
+    tar = tmp_path / "toy-000000.tar"
+    data = tar.read_bytes()
+    starts, inside = _cut_points(tar)
+    rng = random.Random(0)
+    cuts = rng.sample(starts[3:], 4) + rng.sample(inside[3:], 4) + rng.sample(range(2000, len(data) - 1024), 4)
+    for cut in cuts:
+        tar.write_bytes(data[:cut])
+        with tarfile.open(tar) as tf:  # what a cut loses: tarfile itself reads a header cut as the end
+            try:
+                complete = len({m.name.split(".")[0] for m in tf}) - 1
+            except tarfile.ReadError:
+                complete = 0
+        keys, errors, messages = _epoch_account(tmp_path, 52, caplog)  # reads past the end of the shard
+        lost = 50 - len(keys)
+        assert lost >= 1 and errors >= lost, (cut, lost, errors)  # nothing is lost without a count
+        assert any("toy-000000.tar has" in m and "missing" in m for m in messages), (cut, messages)
+        assert len(keys) >= complete
+
+    # without a manifest: a cut at a header boundary is found by the missing end-of-archive marker
+    (tmp_path / "manifest.json").unlink()
+    tar.write_bytes(data[: starts[20]])
+    keys, errors, messages = _epoch_account(tar, 16, caplog)
+    assert errors >= 1 and any("toy-000000.tar ends without tar's end-of-archive marker" in m for m in messages)
+    tar.write_bytes(data)
+    keys, errors, messages = _epoch_account(tar, 16, caplog)
+    assert errors == 0 and not messages  # an intact shard: no false alarm
+
+
+def test_a_shard_listed_in_the_manifest_but_missing_is_named(tmp_path, caplog):
+    write_shards(tmp_path, shards=3, per_shard=8)
+    (tmp_path / "toy-000001.tar").unlink()
+    keys, errors, messages = _epoch_account(tmp_path, 24, caplog)
+    assert not any(k.startswith("001") for k in keys) and errors == 8
+    named = [m for m in messages if "toy-000001.tar cannot be opened" in m]
+    assert len(named) == 1 and "8 sample(s) missing" in named[0]

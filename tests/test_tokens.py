@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from pipeline.tokens import elip, evit, tome
 from pipeline.tokens.plan import ReductionConfig, build_plan
+from pipeline.tokens.reducers import IDENTITY, ElipSelect, EvitFuse, TomeMerge
 
 
 def _tokens(B=2, N=9, D=4, seed=0):
@@ -184,3 +185,23 @@ def test_default_layout_needs_12_layers():
         build_plan(ReductionConfig(method="elip"), 4, 16)
     plan = build_plan(ReductionConfig(method="elip", layers=[1, 2], ratios=[0.5, 0.25]), 4, 16)
     assert plan.tokens_per_layer(16) == [17, 10, 6, 6]
+
+
+def test_plan_steps_are_objects_and_identity_where_nothing_happens():
+    off = build_plan(ReductionConfig(method="none"), 12, 196)
+    assert off.before == off.inside == (IDENTITY,) * 12 and not off.text_guided
+    x, scores = _tokens(N=197)
+    out = IDENTITY(x, scores=scores)
+    assert out.x is x and out.size is None and out.kept is None
+    elip_plan = build_plan(ReductionConfig(method="elip"), 12, 196)
+    assert elip_plan.text_guided and elip_plan.inside == (IDENTITY,) * 12
+    assert [type(s) for s in elip_plan.before if s is not IDENTITY] == [ElipSelect] * 3
+    evit_plan = build_plan(ReductionConfig(method="evit"), 12, 196)
+    assert not evit_plan.text_guided and [i for i, s in enumerate(evit_plan.inside) if isinstance(s, EvitFuse)] == [3, 6, 9]
+    tome_plan = build_plan(ReductionConfig(method="tome", r=8), 12, 196)
+    assert all(isinstance(s, TomeMerge) and s.merges for s in tome_plan.inside)
+    # each step's own count is what it does to a sequence
+    for step in (ElipSelect(100), EvitFuse(0.7), TomeMerge(8)):
+        keys = torch.randn(2, 2, 197, 4)
+        assert step(x, scores=scores, keys=keys).x.shape[1] == step.tokens_after(197) < 197
+    assert ElipSelect(195).tokens_after(197) == 197 and ElipSelect(195).acts(197)  # fuses 1 token, keeps the count

@@ -5,13 +5,16 @@ Training stream of one dataloader worker (``TrainLoader``)::
     shards  -- epoch passes over all shards, each pass shuffled by (seed, epoch, pass), the
                same on every rank; or, resampled, shards drawn with replacement by weight
     split   -- by node (rank::world) then by worker (w::workers)   [not when resampled]
-    tar     -- tar members grouped into samples; a broken tar is skipped and counted
+    tar     -- tar members grouped into samples; a broken tar is skipped and counted, a shard
+               shorter than its manifest (or, without one, cut short) is logged by name and
+               its missing samples counted (``tars.ShardReader``)
     shuffle -- sample buffer shuffle seeded by (seed, epoch, rank, worker)
     number  -- each raw sample gets its index in this worker's stream
     skip    -- resume: drop the raw samples this worker had already delivered (no decoding)
-    decode  -- PIL decode, ALBEF train transforms, caption cleaning; a corrupt sample is
-               skipped and counted; augmentation randomness is seeded per sample
-    batch   -- full batches of ``data.batch_size``
+    decode  -- PIL decode (reduced-size for JPEGs when the crop allows), ALBEF train
+               transforms, caption cleaning; a corrupt sample is skipped and counted; the
+               caption choice and augmentation draw from per-sample generators
+    batch   -- full batches of ``data.batch_size``; uint8 images stacked, then normalised at once
     take    -- this worker's share of the epoch's batches
 
 Every rank yields the same number of batches per epoch, ``num_samples // (world * batch)``
@@ -37,8 +40,9 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
-from .shards import parse_shard_spec, shard_weights, tarfile_to_samples, total_samples
-from .transforms import decode_image, eval_transform, pre_caption, train_transform
+from .shards import parse_shard_spec, shard_weights, total_samples
+from .tars import ShardReader
+from .transforms import TrainTransform, decode_image, eval_transform, normalize, pre_caption
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,10 @@ class SkipCounter:
         self.log_interval_s = log_interval_s
         self._last_log = -float("inf")
         self._logged_count = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` lost samples reported elsewhere (a short shard names itself)."""
+        self.count += n
 
     def __call__(self, exn: BaseException) -> bool:
         self.count += 1
@@ -187,20 +195,24 @@ def _frame_bytes(sample: dict) -> list[bytes]:
     return [frames[i] for i in range(len(frames))]
 
 
-def _pixels(sample: dict, transform: Callable, seed: int | None = None) -> torch.Tensor:
-    """``[3, H, W]`` for an image sample, ``[T, 3, H, W]`` for a video sample. With ``seed``,
-    the transform's randomness is seeded, the same for every frame (one crop per clip)."""
+def _pixels(sample: dict, transform: Callable) -> torch.Tensor:
+    """Evaluation: ``[3, H, W]`` for an image sample, ``[T, 3, H, W]`` for a video sample."""
     frames = _frame_bytes(sample)
-    out = []
-    for data in frames or [_image_bytes(sample)]:
-        image = decode_image(data)
-        if seed is None:
-            out.append(transform(image))
-            continue
-        with torch.random.fork_rng(devices=[]):  # augmentation = f(seed, epoch, rank, worker, index)
-            torch.manual_seed(seed)
-            out.append(transform(image))
+    out = [transform(decode_image(data)) for data in frames or [_image_bytes(sample)]]
     return torch.stack(out) if frames else out[0]
+
+
+def _augmented(sample: dict, transform: TrainTransform, g: torch.Generator) -> torch.Tensor:
+    """Training: uint8 ``[3, S, S]`` for an image sample, ``[T, 3, S, S]`` for a video sample
+    (one crop, flip and op list for all frames of a clip)."""
+    frames = _frame_bytes(sample)
+    out = transform(frames or [_image_bytes(sample)], g)
+    return out if frames else out[0]
+
+
+def expected_sizes(sources) -> dict[str, int]:
+    """Shard URL -> the samples its manifest lists (shards of unknown size left out)."""
+    return {u: n for s in sources for u, n in zip(s.urls, s.sizes) if n is not None}
 
 
 # --------------------------------------------------------------------------- position
@@ -256,30 +268,32 @@ def worker_batches(total: int, num_workers: int, worker: int) -> int:
 class _TrainStream(IterableDataset):
     """One epoch of one rank, from a start batch; see the module docstring."""
 
-    def __init__(self, *, urls, weights, resampled, rank, world_size, seed, epoch, num_batches, start_batch,
+    def __init__(self, *, urls, expected, weights, resampled, rank, world_size, seed, epoch, num_batches, start_batch,
                  raw_skip, batch_size, shuffle_buffer, transform, max_words):
         super().__init__()
-        self.urls, self.weights, self.resampled = urls, weights, resampled
+        self.urls, self.expected, self.weights, self.resampled = urls, expected, weights, resampled
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.num_batches, self.start_batch, self.raw_skip = num_batches, start_batch, raw_skip
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.transform, self.max_words = transform, max_words
 
     def _sample(self, worker: int, sample: dict) -> dict:
+        # augmentation = f(seed, epoch, rank, worker, index), drawn from generators of its own
         s = _seed_of("sample", self.seed, self.epoch, self.rank, worker, sample["__raw__"])
         caption = pre_caption(_text_of(sample, random.Random(s)), self.max_words)
         if not caption:
             raise ValueError(f"sample {sample.get('__key__')!r}: empty caption")
-        image = _pixels(sample, self.transform, seed=s)
+        image = _augmented(sample, self.transform, torch.Generator().manual_seed(s))
         return {"image": image, "text": caption, "__raw__": sample["__raw__"], "__key__": sample["__key__"]}
 
     def _raw_samples(self, worker: int, num_workers: int, errors: SkipCounter) -> Iterator[dict]:
         """This worker's endless stream of undecoded samples for the epoch (shuffled)."""
         progress = _Progress(limit=2 * len(self.urls) + 2 * self.world_size * num_workers + 8)
+        shards = ShardReader(errors, errors.add, self.expected)
         key = (self.seed, self.epoch, self.rank, worker)
 
         def read(urls, *shuffle_key):
-            samples = progress.samples(tarfile_to_samples(handler=errors)(progress.urls(urls)))
+            samples = progress.samples(shards.samples(progress.urls(urls)))
             if self.shuffle_buffer > 1:
                 rng = random.Random(_seed_of("buffer", *shuffle_key))
                 samples = _shuffle(samples, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
@@ -310,7 +324,7 @@ class _TrainStream(IterableDataset):
 
         def collate(samples):
             return {
-                "image": torch.stack([s["image"] for s in samples]),
+                "image": normalize(torch.stack([s["image"] for s in samples])),
                 "text": [s["text"] for s in samples],
                 "key": [s["__key__"] for s in samples],
                 "__meta__": {"worker": worker, "raw_end": samples[-1]["__raw__"] + 1, "errors": errors.count},
@@ -336,8 +350,7 @@ class TrainLoader:
     when the position is inside that epoch (after ``position.load_state_dict`` on resume).
     """
 
-    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, batch_multiple: int = 1,
-                 transform: Callable | None = None):
+    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, batch_multiple: int = 1):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         sources, weights = parse_shard_spec(cfg.train_shards, cfg.train_weights)
@@ -346,6 +359,7 @@ class TrainLoader:
                              "(without resampling the sources are concatenated)")
         self.sources = sources
         self.urls, self.weights = shard_weights(sources, weights)
+        self.expected = expected_sizes(sources)
         num_samples = cfg.train_num_samples or total_samples(sources)
         if not num_samples:
             raise ValueError("data.train_num_samples: the epoch length is unknown (no manifest.json or sizes.json "
@@ -358,7 +372,7 @@ class TrainLoader:
         if not cfg.resampled and len(self.urls) < world_size * max(1, self.num_workers):
             log.warning("%d shards for %d ranks x %d workers: some workers will repeat shards within an epoch",
                         len(self.urls), world_size, max(1, self.num_workers))
-        self.transform = transform or train_transform(cfg.image_size, cfg.crop_scale, cfg.randaugment, cfg.hflip)
+        self.transform = TrainTransform(cfg.image_size, cfg.crop_scale, cfg.randaugment, cfg.hflip)
         self.position = LoaderPosition(num_workers=max(1, self.num_workers))
 
     def _raw_skip(self, epoch: int, start: int, workers: int) -> dict[int, int]:
@@ -385,7 +399,7 @@ class TrainLoader:
             errors = pos.errors
             pos.num_workers, pos.raw_end, pos.errors_epoch, pos.errors_before = workers, dict(raw_skip), {}, errors
         dataset = _TrainStream(
-            urls=self.urls, weights=self.weights, resampled=self.cfg.resampled, rank=self.rank,
+            urls=self.urls, expected=self.expected, weights=self.weights, resampled=self.cfg.resampled, rank=self.rank,
             world_size=self.world_size, seed=self.cfg.seed, epoch=epoch, num_batches=self.batches_per_epoch,
             start_batch=start, raw_skip=raw_skip, batch_size=self.cfg.batch_size,
             shuffle_buffer=self.cfg.shuffle_buffer, transform=self.transform, max_words=self.cfg.max_words)
@@ -405,9 +419,9 @@ class TrainLoader:
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, urls, rank, world_size, batch_size, transform, max_words):
+    def __init__(self, urls, expected, rank, world_size, batch_size, transform, max_words):
         super().__init__()
-        self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.urls, self.expected, self.rank, self.world_size = urls, expected, rank, world_size
         self.batch_size, self.transform, self.max_words = batch_size, transform, max_words
 
     def _sample(self, sample: dict) -> dict:
@@ -429,7 +443,7 @@ class _EvalStream(IterableDataset):
             lambda: iter([dict(url=u) for u in self.urls]),
             lambda src: _split(src, self.rank, self.world_size),  # split_by_node
             wds.split_by_worker,
-            tarfile_to_samples(handler=errors),
+            ShardReader(errors, errors.add, self.expected).samples,
             wds.map(self._sample, handler=errors),
             wds.batched(self.batch_size, collation_fn=collate, partial=True),
         ))
@@ -442,7 +456,7 @@ def build_eval_loader(shards: str, *, image_size: int, batch_size: int, workers:
     in shard order, no augmentation; with ``world_size > 1`` each rank reads shards rank::world."""
     sources, _ = parse_shard_spec(shards)
     urls = [u for s in sources for u in s.urls]
-    dataset = _EvalStream(urls, rank, world_size, batch_size, eval_transform(image_size), max_words)
+    dataset = _EvalStream(urls, expected_sizes(sources), rank, world_size, batch_size, eval_transform(image_size), max_words)
     return wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
 
 

@@ -24,12 +24,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator
+from typing import IO
 from urllib.parse import urlparse
 
 import braceexpand
-from webdataset.filters import pipelinefilter
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import ConfigError
 
@@ -254,28 +252,3 @@ def open_shard(url: str, *, timeout_s: float = 60.0, retries: int = 3) -> IO[byt
     if scheme in _CLI:
         return io.BufferedReader(_ProcessReader(_cli_argv(url), url))
     return open(_local(url), "rb")
-
-
-def _opened(data: Iterable[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
-    """``dict(url=...)`` -> ``dict(url=..., stream=...)``, each stream closed once it is read."""
-    for sample in data:
-        url = sample["url"]
-        try:
-            stream = open_shard(url)
-        except Exception as exn:
-            exn.args = exn.args + (url,)
-            if handler(exn):
-                continue
-            break
-        try:
-            yield dict(sample, stream=stream)
-        finally:
-            stream.close()
-
-
-def tarfile_samples(src: Iterable[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
-    """webdataset's ``tarfile_samples`` with :func:`open_shard` as the opener."""
-    return group_by_keys(tar_file_expander(_opened(src, handler), handler=handler), handler=handler)
-
-
-tarfile_to_samples = pipelinefilter(tarfile_samples)

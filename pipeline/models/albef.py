@@ -16,24 +16,18 @@ import torch.nn.functional as F
 
 from pipeline.models import register_model
 from pipeline.models.losses import mask_tokens, sample_hard_negatives
-from pipeline.models.momentum import MomentumContrast
-from pipeline.models.text import BertTextFusion, TextConfig, check_guidance, load_tokenizer
+from pipeline.models.momentum import MomentumConfig, MomentumContrast
+from pipeline.models.pairing import check_pairing
+from pipeline.models.text import BertTextFusion, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
 
 
 @dataclass
-class AlbefConfig:
+class AlbefConfig(MomentumConfig):
     """``model:`` section for ``name: albef`` (defaults: the paper's ViT-B/16 at 256 px + BERT-base)."""
 
     name: str = "albef"
     vision: VitConfig = field(default_factory=lambda: VitConfig(image_size=256))
-    text: TextConfig = field(default_factory=TextConfig)
-    embed_dim: int = 256
-    temp: float = 0.07
-    queue_size: int = 65536
-    momentum: float = 0.995
-    alpha: float = 0.4
-    distill: bool = True
     mlm_probability: float = 0.15
 
 
@@ -47,14 +41,9 @@ class ALBEF(MomentumContrast):
         self.visual_encoder = VisionEncoder(cfg.vision)
         self.text_encoder = BertTextFusion(cfg.text, len(self.tokenizer))
         width = self.text_encoder.config.hidden_size
-        if width != self.visual_encoder.embed_dim:
-            raise ValueError(
-                f"model.vision width {self.visual_encoder.embed_dim} != model.text hidden_size {width}: "
-                "ALBEF's fusion layers and ELIP's [CLS] fusion need equal widths"
-            )
+        self.image_first = check_pairing(cfg, self.visual_encoder, width,
+                                         "ALBEF's fusion layers and ELIP's [CLS] fusion need equal widths")
         self.patch_size = self.visual_encoder.patch_size
-        self.text_guided = cfg.vision.reduction.method == "elip"
-        self.image_first = check_guidance(cfg)
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)
@@ -68,38 +57,11 @@ class ALBEF(MomentumContrast):
             batch: ``image`` ``[B, 3, H, W]``, ``text`` list of B captions, optional
                 ``epoch_progress`` (ramps the distillation weight over the first epoch).
         """
-        images, device = batch["image"], batch["image"].device
-        alpha = self.distill_alpha(batch)
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-
-        tok = self.tokenize(batch["text"], device)
-        ids, mask = tok.input_ids, tok.attention_mask
-        text, vision = self.encode_pair(images, ids, mask)
-        text_embeds, mask = text.hidden, text.mask  # [B, L', D], [B, L'] (L' < L when text is pruned)
-        image_embeds = vision.tokens  # [B, N', D]
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-        text_feat = F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
-
-        with torch.no_grad():
-            self._momentum_update()
-            image_embeds_m = self.visual_encoder_m(images).tokens
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
-            text_m = self.text_encoder_m.encode(ids, tok.attention_mask, index=text.index)  # the same tokens
-            text_feat_m = F.normalize(self.text_proj_m(text_m.hidden[:, 0]), dim=-1)
-        loss_itc, sim_i2t, sim_t2i = self.contrast(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
-
-        loss_itm = self._itm_loss(image_embeds, text_embeds, mask, sim_i2t, sim_t2i)
-        loss_mlm = self._mlm_loss(ids, tok.attention_mask, text.index, image_embeds, image_embeds_m, alpha)
-        return {
-            "loss": loss_itc + loss_itm + loss_mlm,
-            "loss_itc": loss_itc.detach(),
-            "loss_itm": loss_itm.detach(),
-            "loss_mlm": loss_mlm.detach(),
-            "tokens_per_layer": vision.tokens_per_layer,
-            "kept_patches": vision.kept_patches,
-            "text_tokens_per_layer": text.tokens_per_layer,
-        }
+        step = self.itc_step(batch)
+        text, image_embeds = step.text, step.vision.tokens  # [B, L', D] (L' < L when text is pruned), [B, N', D]
+        loss_itm = self._itm_loss(image_embeds, text.hidden, text.mask, step.sim_i2t, step.sim_t2i)
+        loss_mlm = self._mlm_loss(step.ids, step.mask, text.index, image_embeds, step.image_embeds_m, step.alpha)
+        return self.outputs(step, itm=loss_itm, mlm=loss_mlm)
 
     def _itm_loss(self, image_embeds, text_embeds, mask, sim_i2t, sim_t2i) -> torch.Tensor:
         B = len(image_embeds)

@@ -16,18 +16,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers.models.bert.modeling_bert import BertAttention
 
 from pipeline.models import register_model
 from pipeline.models.losses import sample_hard_negatives
-from pipeline.models.momentum import MomentumContrast
-from pipeline.models.text import BertTextFusion, TextConfig, bert_init, causal_bias, check_guidance, load_tokenizer
+from pipeline.models.layers import bert_init, checkpointed
+from pipeline.models.momentum import MomentumConfig, MomentumContrast
+from pipeline.models.pairing import check_pairing
+from pipeline.models.text import BertTextFusion, TextConfig, causal_bias, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
 
 
 @dataclass
-class BlipConfig:
+class BlipConfig(MomentumConfig):
     """``model:`` section for ``name: blip`` (defaults: BLIP's ViT-B/16 at 224 px + BERT-base).
 
     ``text.text_layers`` must equal the BERT depth: BLIP's unimodal encoder runs every layer.
@@ -37,12 +38,7 @@ class BlipConfig:
     name: str = "blip"
     vision: VitConfig = field(default_factory=lambda: VitConfig(image_size=224))
     text: TextConfig = field(default_factory=lambda: TextConfig(text_layers=12))
-    embed_dim: int = 256
-    temp: float = 0.07
     queue_size: int = 57600
-    momentum: float = 0.995
-    alpha: float = 0.4
-    distill: bool = True
     label_smoothing: float = 0.1
     prompt: str = "a picture of "
 
@@ -66,11 +62,8 @@ class BLIP(MomentumContrast):
                 "for BLIP: its unimodal text encoder runs every layer"
             )
         width = config.hidden_size
-        if width != self.visual_encoder.embed_dim:
-            raise ValueError(
-                f"model.vision width {self.visual_encoder.embed_dim} != model.text hidden_size {width}: "
-                "BLIP's cross-attention here and ELIP's [CLS] fusion need equal widths"
-            )
+        self.image_first = check_pairing(cfg, self.visual_encoder, width,
+                                         "BLIP's cross-attention here and ELIP's [CLS] fusion need equal widths")
         # The decoder's own causal self-attention, one per layer: all it does not share.
         self.text_decoder_attention = nn.ModuleList(
             BertAttention(config, is_causal=True, layer_idx=i)
@@ -83,8 +76,6 @@ class BLIP(MomentumContrast):
             std = self.text_encoder.config.initializer_range
             self.text_decoder_attention.apply(lambda m: bert_init(m, std))
         self.patch_size = self.visual_encoder.patch_size
-        self.text_guided = cfg.vision.reduction.method == "elip"
-        self.image_first = check_guidance(cfg)
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)
@@ -112,10 +103,8 @@ class BLIP(MomentumContrast):
         bias = causal_bias(attention_mask, hidden.dtype)
         image_embeds = image_embeds.to(hidden.dtype)
         for i in range(len(self.text_decoder_attention)):
-            if self.decoder_grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(self._decoder_layer, i, hidden, bias, image_embeds, use_reentrant=False)
-            else:
-                hidden = self._decoder_layer(i, hidden, bias, image_embeds)
+            hidden = checkpointed(self.decoder_grad_checkpointing and self.training, self._decoder_layer,
+                                  i, hidden, bias, image_embeds)
         return enc.mlm_logits(hidden)
 
     # -- training ------------------------------------------------------------------------------
@@ -126,36 +115,11 @@ class BLIP(MomentumContrast):
             batch: ``image`` ``[B, 3, H, W]``, ``text`` list of B captions, optional
                 ``epoch_progress`` (ramps the distillation weight over the first epoch).
         """
-        images, device = batch["image"], batch["image"].device
-        alpha = self.distill_alpha(batch)
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-
-        tok = self.tokenize(batch["text"], device)
-        ids, full_mask = tok.input_ids, tok.attention_mask
-        text, vision = self.encode_pair(images, ids, full_mask)
-        image_embeds = vision.tokens  # [B, N', D]
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-        text_feat = F.normalize(self.text_proj(text.hidden[:, 0]), dim=-1)
-
-        with torch.no_grad():
-            self._momentum_update()
-            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(images).tokens[:, 0]), dim=-1)
-            text_m = self.text_encoder_m.encode(ids, full_mask, index=text.index)
-            text_feat_m = F.normalize(self.text_proj_m(text_m.hidden[:, 0]), dim=-1)
-        loss_itc, sim_i2t, sim_t2i = self.contrast(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
-
-        loss_itm = self._itm_loss(ids, full_mask, text.index, image_embeds, sim_i2t, sim_t2i)
-        loss_lm = self._lm_loss(ids, full_mask, image_embeds)
-        return {
-            "loss": loss_itc + loss_itm + loss_lm,
-            "loss_itc": loss_itc.detach(),
-            "loss_itm": loss_itm.detach(),
-            "loss_lm": loss_lm.detach(),
-            "tokens_per_layer": vision.tokens_per_layer,
-            "kept_patches": vision.kept_patches,
-            "text_tokens_per_layer": text.tokens_per_layer,
-        }
+        step = self.itc_step(batch)
+        image_embeds = step.vision.tokens  # [B, N', D]
+        loss_itm = self._itm_loss(step.ids, step.mask, step.text.index, image_embeds, step.sim_i2t, step.sim_t2i)
+        loss_lm = self._lm_loss(step.ids, step.mask, image_embeds)
+        return self.outputs(step, itm=loss_itm, lm=loss_lm)
 
     def _itm_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of the captions with [ENC] in place of [CLS]: ``[B, L]`` -> ``[B, L, D]``."""

@@ -9,7 +9,8 @@ import dataclasses
 import timm
 import torch
 
-from pipeline.models.text import TextConfig, check_guidance, check_prune
+from pipeline.models.pairing import check_guidance
+from pipeline.models.text import TextConfig, check_prune
 from pipeline.models.vit import VitConfig
 from pipeline.tokens.plan import build_plan
 
@@ -29,6 +30,7 @@ def check_model_config(cfg, image_size: int, prefix: str = "model") -> None:
     the images the data section makes (``image_size``), its token-reduction plan against its
     depth and patch count, each text encoder's ``prune``, and ELIP with learned text pruning."""
     sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    text_guided = False
     for name, value in sections.items():
         key = f"{prefix}.{name}"
         if isinstance(value, VitConfig):
@@ -41,13 +43,14 @@ def check_model_config(cfg, image_size: int, prefix: str = "model") -> None:
                 raise ValueError(f"{key}.model_name={value.model_name!r}: cannot build it with image_size="
                                  f"{value.image_size} and timm_kwargs={value.timm_kwargs}: {err}") from None
             try:
-                build_plan(value.reduction, depth, patches)
+                plan = build_plan(value.reduction, depth, patches)
             except ValueError as err:  # "reduction.<key>...": the key below this section
                 raise ValueError(f"{key}.{err}") from None
+            text_guided = text_guided or (name == "vision" and plan.text_guided)
         elif isinstance(value, TextConfig):
             try:
                 check_prune(value.prune, value.text_layers)
             except ValueError as err:  # "text.prune.<key>...": the key below the model section
                 raise ValueError(f"{prefix}.{err}") from None
     if isinstance(sections.get("vision"), VitConfig) and isinstance(sections.get("text"), TextConfig):
-        check_guidance(cfg)  # its message names both keys
+        check_guidance(cfg, text_guided)  # its message names both keys

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pipeline.models import register_model
 from pipeline.models.losses import clip_loss
-from pipeline.models.text import BertTextFusion, TextConfig, load_tokenizer
+from pipeline.models.text import BertTextFusion, TextConfig, load_tokenizer, tokenize
 from pipeline.models.vit import VisionEncoder, VitConfig
 
 
@@ -65,8 +65,7 @@ class CLIP(nn.Module):
                 "kept_patches": vision.kept_patches}
 
     def _text(self, texts: list[str], device: torch.device):
-        tok = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.cfg.text.max_tokens,
-                             return_tensors="pt").to(device)
+        tok = tokenize(self.tokenizer, texts, self.cfg.text.max_tokens, device)
         embeds = self.text_encoder.encode_text(tok.input_ids, tok.attention_mask)
         return embeds, tok.attention_mask, F.normalize(self.text_proj(embeds[:, 0]), dim=-1)
 

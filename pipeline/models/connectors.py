@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 
-from pipeline.models.text import bert_init
+from pipeline.models.layers import bert_config, bert_init, checkpointed
 from pipeline.tokens import tome
 
 log = logging.getLogger(__name__)
@@ -60,15 +58,6 @@ class QFormerConfig:
     cross_attention_freq: int = 2
     pretrained: str | None = None
     bert: dict = field(default_factory=dict)
-
-
-def bert_config(pretrained: str | None, overrides: dict, key: str) -> BertConfig:
-    """The BertConfig of a local directory, or a random one from ``overrides``; errors name ``key``."""
-    if pretrained is not None:
-        if not (Path(pretrained) / "config.json").is_file():
-            raise FileNotFoundError(f"{key}.pretrained: no config.json in {pretrained}")
-        return BertConfig.from_pretrained(pretrained, **overrides)
-    return BertConfig(**overrides)
 
 
 def _bert_state(path: str) -> dict[str, torch.Tensor]:
@@ -155,10 +144,7 @@ class TomeFormer(nn.Module):
         size, lengths = None, []
         for i in range(len(self.encoder.layer)):
             lengths.append(h.shape[1])
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h, size = checkpoint(self._layer, i, h, size, use_reentrant=False)
-            else:
-                h, size = self._layer(i, h, size)
+            h, size = checkpointed(self.grad_checkpointing and self.training, self._layer, i, h, size)
         lengths.append(h.shape[1])
         return h, lengths
 

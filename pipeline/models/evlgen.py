@@ -25,12 +25,13 @@ import torch.nn as nn
 
 from pipeline.models import register_model
 from pipeline.models.connectors import QFormerConfig, QFormerConnector, TomeFormer, TomeFormerConfig
-from pipeline.models.tiny_llm import TINY_GPT2_TOKENIZER, build_tiny_llm
+from pipeline.models.layers import DTYPES
 from pipeline.models.video import FrozenVision, VideoConfig
 from pipeline.models.vit import VitConfig
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LLM_TYPES = ("opt", "llama")  # OPTForCausalLM; LlamaForCausalLM (LLaMA, Vicuna)
+# the GPT-2-style tokenizer of the tiny demo LLM (built by data_prep.tiny_llm), shipped as package data
+TINY_GPT2_TOKENIZER = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_gpt2_tokenizer")
 
 
 @dataclass
@@ -39,9 +40,10 @@ class LLMConfig:
 
     ``pretrained``: a local OPT / LLaMA / Vicuna directory (``config.json`` + weights), loaded in
     ``dtype``. ``config``: transformers config keys with ``model_type`` (``opt`` | ``llama``) for a
-    random LLM when ``pretrained`` is null (benchmarks), or for the tiny LLM that
-    ``build_if_missing`` creates in ``pretrained`` on first use (demo: LM-trained
-    ``build_steps`` steps on synthetic captions, see :mod:`pipeline.models.tiny_llm`).
+    random LLM when ``pretrained`` is null (benchmarks), or for the tiny demo LLM that
+    ``python -m data_prep.tiny_llm --config CONFIG`` builds into ``pretrained`` when
+    ``build_if_missing`` is set (LM-trained ``build_steps`` steps on synthetic captions;
+    ``launch/demo.sh`` runs it before training). The model itself only loads the directory.
     ``tokenizer``: default ``pretrained``, else the shipped tiny GPT-2-style tokenizer.
     """
 
@@ -97,10 +99,9 @@ def load_llm(cfg: LLMConfig, seed: int = 0):
     if cfg.pretrained is not None:
         path = Path(cfg.pretrained)
         if not (path / "config.json").is_file():
-            if not cfg.build_if_missing:
-                raise FileNotFoundError(f"model.llm.pretrained: no config.json in {path} "
-                                        "(expected a local OPT / LLaMA / Vicuna directory)")
-            build_tiny_llm(path, cfg.config, steps=cfg.build_steps, seed=seed, tokenizer=cfg.tokenizer)
+            hint = ("build it first: python -m data_prep.tiny_llm --config CONFIG (launch/demo.sh does)"
+                    if cfg.build_if_missing else "expected a local OPT / LLaMA / Vicuna directory")
+            raise FileNotFoundError(f"model.llm.pretrained: no config.json in {path} ({hint})")
         _check_llm_type(AutoConfig.from_pretrained(path).model_type, f"model.llm.pretrained={path}")
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tok_path = cfg.tokenizer or str(path)
@@ -134,7 +135,7 @@ class EVLGen(nn.Module):
     def __init__(self, cfg: EvlgenConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.vision.reduction.method != "none":
+        if cfg.vision.reduction.reduces:
             raise ValueError("model.vision.reduction: EVLGen merges tokens in the connector; the frozen ViT runs "
                              "with method none")
         self.vision = FrozenVision(cfg.vision, cfg.video, cfg.frozen_init_seed)

@@ -18,21 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertLayer, BertOnlyMLMHead, BertPooler
 
 from pipeline.models import register_model
 from pipeline.models.losses import mask_tokens
-from pipeline.models.text import (
-    TextConfig,
-    TextOutput,
-    check_guidance,
-    check_prune,
-    load_tokenizer,
-    padding_bias,
-    run_layers,
-)
+from pipeline.models.layers import bert_config, bert_init, checkpointed
+from pipeline.models.pairing import check_pairing, encode_pair
+from pipeline.models.text import TextConfig, TextOutput, check_prune, load_tokenizer, padding_bias, run_layers, tokenize
 from pipeline.models.vit import VisionEncoder, VitConfig
 from pipeline.tokens.plan import ELIP_METER_B32, ReductionConfig
 
@@ -69,11 +62,11 @@ class MeterConfig:
 
 def _text_model(cfg: TextConfig, vocab_size: int) -> nn.Module:
     """A local BERT/RoBERTa (``text.pretrained``) or a random BERT from ``text.bert``, no pooler."""
+    config = bert_config(cfg.pretrained, {} if cfg.pretrained else cfg.bert, "text", any_model=True)
     if cfg.pretrained is not None:
-        if not (Path(cfg.pretrained) / "config.json").is_file():
-            raise FileNotFoundError(f"text.pretrained: no config.json in {cfg.pretrained}")
-        return AutoModel.from_pretrained(cfg.pretrained, add_pooling_layer=False, attn_implementation="sdpa")
-    config = BertConfig(vocab_size=vocab_size, **cfg.bert)
+        return AutoModel.from_pretrained(cfg.pretrained, config=config, add_pooling_layer=False,
+                                         attn_implementation="sdpa")
+    config.vocab_size = vocab_size
     config._attn_implementation = "sdpa"
     return BertModel(config, add_pooling_layer=False)
 
@@ -102,11 +95,8 @@ class METER(nn.Module):
             )
         self.prune_at = check_prune(cfg.text.prune, cfg.text.text_layers)
         width = text_config.hidden_size
-        if width != self.visual_encoder.embed_dim:
-            raise ValueError(
-                f"model.vision width {self.visual_encoder.embed_dim} != text hidden_size {width}: ELIP fuses the "
-                "text [CLS] (before the cross-modal projection) with the image [CLS]"
-            )
+        self.image_first = check_pairing(cfg, self.visual_encoder, width, "ELIP fuses the text [CLS] (before the "
+                                         "cross-modal projection) with the image [CLS]")
         if cfg.fusion_layers < 1:
             raise ValueError(f"model.fusion_layers={cfg.fusion_layers} must be >= 1")
         fusion = BertConfig(
@@ -129,10 +119,8 @@ class METER(nn.Module):
         for module in (self.cross_modal_text_transform, self.cross_modal_image_transform, self.token_type_embeddings,
                        self.cross_modal_text_layers, self.cross_modal_image_layers, self.cross_modal_text_pooler,
                        self.cross_modal_image_pooler, self.mlm_score, self.itm_score):
-            module.apply(_init_weights)  # METER's init: N(0, 0.02), zero biases, unit norms
+            module.apply(lambda m: bert_init(m, 0.02))  # METER's init: N(0, 0.02), zero biases, unit norms
         self.patch_size = self.visual_encoder.patch_size
-        self.text_guided = cfg.vision.reduction.method == "elip"
-        self.image_first = check_guidance(cfg)
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -145,9 +133,7 @@ class METER(nn.Module):
         return {"cross_modal_": self.cfg.lr_mult_cross_modal, "mlm_score.": head, "itm_score.": head}
 
     def tokenize(self, texts: list[str], device: torch.device):
-        return self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.cfg.text.max_tokens, return_tensors="pt"
-        ).to(device)
+        return tokenize(self.tokenizer, texts, self.cfg.text.max_tokens, device)
 
     # -- encoders and fusion -------------------------------------------------------------------
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, image_cls=None, index=None) -> TextOutput:
@@ -183,10 +169,8 @@ class METER(nn.Module):
         return x, y, cls_feats
 
     def _layer(self, layer, hidden, bias, other, other_bias):
-        kwargs = dict(encoder_hidden_states=other, encoder_attention_mask=other_bias)
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, hidden, bias, use_reentrant=False, **kwargs)
-        return layer(hidden, bias, **kwargs)
+        return checkpointed(self.grad_checkpointing and self.training, layer, hidden, bias,
+                            encoder_hidden_states=other, encoder_attention_mask=other_bias)
 
     def infer(self, ids, mask, images, index=None):
         """One METER pass: text, ViT (ELIP-guided by the text [CLS]), fusion.
@@ -194,14 +178,8 @@ class METER(nn.Module):
         Returns ``(text, vision, text_feats, cls_feats)``; ``text`` is the (maybe pruned)
         :class:`TextOutput`, ``vision`` the :class:`~pipeline.models.vit.VisionOutput`.
         """
-        vision = None
-        if self.image_first:  # text pruning guided by the image [CLS]: the ViT runs first, unguided
-            vision = self.visual_encoder(images, track_patches=True)
-        text = self.encode_text(ids, mask, image_cls=vision.tokens[:, 0] if vision else None, index=index)
-        if vision is None:
-            vision = self.visual_encoder(
-                images, text_cls=text.hidden[:, 0] if self.text_guided else None, track_patches=True
-            )
+        text, vision = encode_pair(self.visual_encoder, self.encode_text, images, ids, mask, self.image_first,
+                                   index=index)
         text_feats, _, cls_feats = self.fuse(text.hidden, text.mask, vision.tokens)
         return text, vision, text_feats, cls_feats
 
@@ -279,16 +257,6 @@ def itm_pairs(batch: int, generator: torch.Generator | None = None) -> tuple[tor
     labels = labels[torch.randperm(batch, generator=generator)].long()
     other = (torch.arange(batch) + torch.randint(1, batch, (batch,), generator=generator)) % batch  # never itself
     return labels, torch.where(labels.bool(), torch.arange(batch), other)
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
 
 
 register_model("meter", MeterConfig, METER)

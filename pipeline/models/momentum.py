@@ -7,22 +7,61 @@ teacher ViT runs unpruned, as in the official ELIP code; the queues hold every r
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.losses import concat_all_gather, itc_loss
-from pipeline.models.vit import VisionEncoder
+from pipeline.models.pairing import encode_pair
+from pipeline.models.text import TextConfig, TextOutput, tokenize
+from pipeline.models.vit import VisionEncoder, VisionOutput, VitConfig
 from pipeline.tokens.plan import ReductionConfig
+
+
+@dataclass
+class MomentumConfig:
+    """The ``model:`` keys every :class:`MomentumContrast` backbone has (ALBEF's and BLIP's
+    configs extend it): the encoders, the ITC projection width and temperature, the feature
+    queue, the teacher's EMA momentum and the distillation weight."""
+
+    name: str = ""
+    vision: VitConfig = field(default_factory=VitConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.995
+    alpha: float = 0.4
+    distill: bool = True
+
+
+class ItcStep(NamedTuple):
+    """What :meth:`MomentumContrast.itc_step` hands the backbone's other losses.
+
+    ids, mask: ``[B, L]`` the tokenized captions; text: the student's (maybe pruned)
+    :class:`TextOutput`; vision: the student ViT's output; image_embeds_m: ``[B, N, D]`` the
+    teacher ViT's tokens; loss: the ITC loss; sim_i2t, sim_t2i: ``[B, B+Q]``; alpha: the
+    distillation weight of this step.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    text: TextOutput
+    vision: VisionOutput
+    image_embeds_m: torch.Tensor
+    loss: torch.Tensor
+    sim_i2t: torch.Tensor
+    sim_t2i: torch.Tensor
+    alpha: float
 
 
 class MomentumContrast(nn.Module):
     """Base of ALBEF and BLIP: tokenizer call, momentum update, queues, ITC with distillation.
 
-    The config must have ``vision``, ``text.max_tokens``, ``embed_dim``, ``temp``,
-    ``queue_size``, ``momentum``, ``alpha`` and ``distill``.
+    Its config is a :class:`MomentumConfig`.
     """
 
     def init_momentum(self, cfg) -> None:
@@ -47,33 +86,53 @@ class MomentumContrast(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def tokenize(self, texts: list[str], device: torch.device):
-        return self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.cfg.text.max_tokens, return_tensors="pt"
-        ).to(device)
+        return tokenize(self.tokenizer, texts, self.cfg.text.max_tokens, device)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
 
     def encode_pair(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
-        """Text and image encoders in the order guidance needs: text first when its [CLS] guides
-        ELIP (``self.text_guided``); the ViT first, unguided, when the image [CLS] guides text
-        pruning (``self.image_first``).
+        """:func:`pipeline.models.pairing.encode_pair` with this backbone's encoders."""
+        return encode_pair(self.visual_encoder, self.text_encoder.encode, images, ids, mask, self.image_first)
+
+    def itc_step(self, batch: dict) -> ItcStep:
+        """The student and teacher passes and the ITC loss of one pre-training step.
 
         Args:
-            images: ``[B, 3, H, W]``; ids, mask: ``[B, L]`` tokenized captions.
-        Returns:
-            ``(TextOutput, VisionOutput)``; the vision output tracks kept patches.
+            batch: ``image`` ``[B, 3, H, W]``, ``text`` list of B captions, optional
+                ``epoch_progress`` (ramps the distillation weight over the first epoch).
         """
-        vision = None
-        if self.image_first:
-            vision = self.visual_encoder(images, track_patches=True)
-        text = self.text_encoder.encode(ids, mask, image_cls=vision.tokens[:, 0] if vision else None)
-        if vision is None:
-            vision = self.visual_encoder(
-                images, text_cls=text.hidden[:, 0] if self.text_guided else None, track_patches=True
-            )
-        return text, vision
+        images, device = batch["image"], batch["image"].device
+        alpha = self.distill_alpha(batch)
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        tok = self.tokenize(batch["text"], device)
+        ids, mask = tok.input_ids, tok.attention_mask
+        text, vision = self.encode_pair(images, ids, mask)
+        image_feat = F.normalize(self.vision_proj(vision.tokens[:, 0]), dim=-1)
+        text_feat = F.normalize(self.text_proj(text.hidden[:, 0]), dim=-1)
+
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = self.visual_encoder_m(images).tokens
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+            text_m = self.text_encoder_m.encode(ids, mask, index=text.index)  # the same tokens
+            text_feat_m = F.normalize(self.text_proj_m(text_m.hidden[:, 0]), dim=-1)
+        loss, sim_i2t, sim_t2i = self.contrast(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
+        return ItcStep(ids, mask, text, vision, image_embeds_m, loss, sim_i2t, sim_t2i, alpha)
+
+    @staticmethod
+    def outputs(step: ItcStep, **losses: torch.Tensor) -> dict:
+        """``forward``'s dict: ``loss`` = ITC + ``losses`` summed, each part detached as
+        ``loss_<name>``, and the ViT's and text encoder's token statistics."""
+        parts = {"itc": step.loss, **losses}
+        out = {"loss": sum(parts.values())}
+        out.update({f"loss_{name}": value.detach() for name, value in parts.items()})
+        out.update(tokens_per_layer=step.vision.tokens_per_layer, kept_patches=step.vision.kept_patches,
+                   text_tokens_per_layer=step.text.tokens_per_layer)
+        return out
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
 
+from pipeline.models.layers import bert_config, bert_init, checkpointed, grow_rows
 from pipeline.tokens import textprune
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,15 @@ def load_tokenizer(cfg: TextConfig) -> BertTokenizer:
     return BertTokenizer.from_pretrained(path)
 
 
+def tokenize(tokenizer, texts: list[str], max_tokens: int, device: torch.device):
+    """Captions -> padded ``input_ids`` / ``attention_mask`` ``[B, L]`` on ``device``, at most ``max_tokens``."""
+    return tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+
+
 def _bert_config(cfg: TextConfig, vocab_size: int) -> BertConfig:
-    if cfg.pretrained is not None:
-        if not (Path(cfg.pretrained) / "config.json").is_file():
-            raise FileNotFoundError(f"text.pretrained: no config.json in {cfg.pretrained}")
-        config = BertConfig.from_pretrained(cfg.pretrained)
-        # a tokenizer with added special tokens (BLIP's [DEC], [ENC]) grows the vocabulary
-        config.vocab_size = max(config.vocab_size, vocab_size)
-    else:
-        config = BertConfig(vocab_size=vocab_size, **cfg.bert)
+    config = bert_config(cfg.pretrained, {} if cfg.pretrained else cfg.bert, "text")  # text.bert: random only
+    # a tokenizer with added special tokens (BLIP's [DEC], [ENC]) grows a checkpoint's vocabulary
+    config.vocab_size = vocab_size if cfg.pretrained is None else max(config.vocab_size, vocab_size)
     if not 0 <= cfg.text_layers <= config.num_hidden_layers:
         raise ValueError(
             f"text.text_layers={cfg.text_layers} must be within 0..{config.num_hidden_layers} (BERT depth)"
@@ -96,21 +96,6 @@ def check_prune(cfg: TextPruneConfig, text_layers: int) -> int | None:
     if not 1 <= layer < text_layers:
         raise ValueError(f"text.prune.layer={layer} must be within 1..{text_layers - 1} (the text-only layers)")
     return layer
-
-
-def check_guidance(cfg) -> bool:
-    """Whether the ViT must run before the text encoder (``text.prune.strategy: learned``).
-
-    ELIP needs the text [CLS] before the ViT, learned text pruning the image [CLS] before the
-    text layers: the two cannot guide each other in one step, so the pair is a config error.
-    """
-    learned = cfg.text.prune.strategy == "learned"
-    if learned and cfg.vision.reduction.method == "elip":
-        raise ValueError(
-            "model.text.prune.strategy=learned needs the image [CLS] before the text encoder, while "
-            "model.vision.reduction.method=elip needs the text [CLS] before the ViT: use one of them"
-        )
-    return learned
 
 
 class TextOutput(NamedTuple):
@@ -179,11 +164,7 @@ def run_layers(
                 hidden, mask = textprune.gather(hidden, mask, index)
         lengths.append(hidden.shape[1])
         bias = padding_bias(mask, hidden.dtype)
-        kwargs = dict(encoder_hidden_states=image_embeds)
-        if checkpointing and torch.is_grad_enabled():
-            hidden = torch.utils.checkpoint.checkpoint(layer, hidden, bias, use_reentrant=False, **kwargs)
-        else:
-            hidden = layer(hidden, bias, **kwargs)
+        hidden = checkpointed(checkpointing, layer, hidden, bias, encoder_hidden_states=image_embeds)
     return TextOutput(hidden, mask, index if prune_at is not None else None, lengths)
 
 
@@ -191,19 +172,6 @@ class _Encoder(nn.Module):
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
         self.layer = nn.ModuleList(layers)
-
-
-def bert_init(module: nn.Module, std: float) -> None:
-    """BERT's initialisation (``BertPreTrainedModel._init_weights``), for ``Module.apply``."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=std)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=std)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -257,9 +225,9 @@ class BertTextFusion(nn.Module):
         state = {k.removeprefix("bert."): v for k, v in source.state_dict().items()}
         for key, value in state.items():
             # added tokens (BLIP's [DEC], [ENC]): the checkpoint fills the first rows, the rest stay random
-            if key in own and value.dim() >= 1 and value.shape[1:] == own[key].shape[1:] \
-                    and value.shape[0] < own[key].shape[0]:
-                state[key] = torch.cat([value, own[key][value.shape[0]:]])
+            grown = grow_rows(value, own[key]) if key in own else None
+            if grown is not None:
+                state[key] = grown
         if self.cls is None:
             state = {k: v for k, v in state.items() if k in own}
         result = self.load_state_dict(state, strict=False)
@@ -279,11 +247,8 @@ class BertTextFusion(nn.Module):
 
     def _layers(self, hidden, start, stop, self_bias, image_embeds=None, image_bias=None):
         for layer in self.encoder.layer[start:stop]:
-            kwargs = dict(encoder_hidden_states=image_embeds, encoder_attention_mask=image_bias)
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, self_bias, use_reentrant=False, **kwargs)
-            else:
-                hidden = layer(hidden, self_bias, **kwargs)
+            hidden = checkpointed(self.grad_checkpointing and self.training, layer, hidden, self_bias,
+                                  encoder_hidden_states=image_embeds, encoder_attention_mask=image_bias)
         return hidden
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,11 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from pipeline.tokens import elip, evit, tome
+from pipeline.models.layers import checkpointed
+from pipeline.tokens import elip, tome
 from pipeline.tokens.plan import ReductionConfig, ReductionPlan, build_plan
+from pipeline.tokens.reducers import IDENTITY
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
 
@@ -128,6 +129,11 @@ class VisionEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    @property
+    def text_guided(self) -> bool:
+        """Whether :meth:`forward` wants ``text_cls`` (ELIP): the backbone encodes text first."""
+        return self.plan.text_guided
+
     def expected_tokens_per_layer(self) -> list[int]:
         return self.plan.tokens_per_layer(self.num_patches)
 
@@ -168,35 +174,27 @@ class VisionEncoder(nn.Module):
         x = x + blk.drop_path1(blk.ls1(o))
 
         scores = None
-        rate = plan.evit_rate[i]
-        if want_scores or rate is not None:
+        step = plan.inside[i]
+        if want_scores or step.needs_scores:
             q_row = q[:, :, :1]
             if guide is not None:
                 # The text-fused [CLS] as one extra query row of this layer: no extra pass.
                 q_row = attn.qkv(blk.norm1(guide))[:, : attn.attn_dim]
                 q_row = attn.q_norm(q_row.reshape(B, attn.num_heads, 1, attn.head_dim))
             scores = _cls_attention(q_row, k, attn.scale, bias)
-        if rate is not None:
-            # EViT keeps the gradient through its fusion weights (reference code).
-            x, kept = evit.select_and_fuse(x, scores.to(x.dtype), rate, return_index=True)
-            ids = _track(ids, kept)
-            scores = None
-        r = plan.tome_r[i]
-        if r > 0:
-            merge, _ = tome.bipartite_soft_matching(k.mean(dim=1), r, class_token=True)
-            x, size = tome.merge_wavg(merge, x, size)
-            ids = None  # merged tokens have no single source patch
+        x, size, kept = step(x, scores=scores, keys=k, size=size)
+        ids = None if step.merges else _track(ids, kept)
+        if step.needs_scores:
+            scores = None  # spent on this layer's own reduction
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, size, ids, scores
 
     def _run(self, i, x, size, ids, guide, want_scores):
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block, i, x, size, ids, guide, want_scores, use_reentrant=False)
-        return self._block(i, x, size, ids, guide, want_scores)
+        return checkpointed(self.grad_checkpointing and self.training, self._block, i, x, size, ids, guide, want_scores)
 
     # -- ELIP selection ------------------------------------------------------------------------
     def _stage_end(self, start: int) -> int:
-        later = [j for j in range(start + 1, self.plan.num_layers) if self.plan.elip_keep[j] is not None]
+        later = [j for j in range(start + 1, self.plan.num_layers) if self.plan.before[j].needs_scores]
         return later[0] if later else self.plan.num_layers
 
     @torch.no_grad()
@@ -235,20 +233,20 @@ class VisionEncoder(nn.Module):
         B, M = x.shape[0], x.shape[1] - 1
         ids = torch.arange(M, device=x.device).expand(B, M) if track_patches else None
         size, scores, lengths = None, None, []
-        reuse = plan.method == "elip" and plan.elip_mode == "reuse"
+        reuse = plan.elip_mode == "reuse"
         for i in range(plan.num_layers):
-            keep = plan.elip_keep[i]
-            if keep is not None and keep < x.shape[1] - 1:
-                if plan.elip_mode == "lookahead":
+            step = plan.before[i]
+            if step.acts(x.shape[1]):
+                if step.needs_scores and plan.elip_mode == "lookahead":
                     scores = self._lookahead_scores(x, i, text_cls)
-                x, kept = elip.select_and_fuse(x, scores, keep, return_index=True)
-                ids = _track(ids, kept)
+                x, size, kept = step(x, scores=scores, size=size)
+                ids = None if step.merges else _track(ids, kept)
             lengths.append(x.shape[1])
-            next_reduces = i + 1 < plan.num_layers and plan.elip_keep[i + 1] is not None
+            after = plan.before[i + 1] if i + 1 < plan.num_layers else IDENTITY
             guide = None
-            if reuse and next_reduces and text_cls is not None:
+            if reuse and after.text_guided and text_cls is not None:
                 guide = elip.fuse_cls(x[:, 0], text_cls, plan.lam)
-            x, size, ids, scores = self._run(i, x, size, ids, guide, reuse and next_reduces)
+            x, size, ids, scores = self._run(i, x, size, ids, guide, reuse and after.needs_scores)
         kept_patches = None
         if ids is not None and x.shape[1] - 1 < M:
             kept_patches = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.models.layers import grow_rows
+
 log = logging.getLogger(__name__)
 
 MARKER = "meta.json"
@@ -105,9 +107,8 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
             continue
         if own[k].shape == v.shape:
             copied[k] = v
-        elif v.dim() >= 1 and v.shape[1:] == own[k].shape[1:] and v.shape[0] < own[k].shape[0]:
-            # a vocabulary that grew (BLIP's [ENC] / [DEC]): the known rows, the new ones as initialised
-            copied[k] = torch.cat([v.to(own[k].dtype), own[k][v.shape[0]:]])
+        elif (grown := grow_rows(v, own[k])) is not None:  # a vocabulary that grew (BLIP's [ENC] / [DEC])
+            copied[k] = grown
     if not copied:
         raise ValueError(f"train.init_from={path}: no parameter of {tag_dir} matches the model by name and shape")
     model.load_state_dict(copied, strict=False)

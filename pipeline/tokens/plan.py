@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.tokens.evit import num_kept
+from pipeline.tokens.reducers import IDENTITY, ElipSelect, EvitFuse, Reducer, TomeMerge
 from pipeline.tokens.tome import r_schedule
 
 METHODS = ("none", "elip", "tome", "evit")
@@ -42,33 +42,46 @@ class ReductionConfig:
     inflect: float = 0.0
     prop_attn: bool = True
 
+    @property
+    def reduces(self) -> bool:
+        """Whether this config asks for any reduction (``method`` other than ``none``)."""
+        return self.method != "none"
+
 
 @dataclass(frozen=True)
 class ReductionPlan:
-    """What each of the ``L`` layers does. All tuples have length ``L``."""
+    """What each of the ``L`` layers does: ``before[l]`` runs before layer ``l``, ``inside[l]``
+    between its attention and its MLP (both length ``L``, :data:`~pipeline.tokens.reducers.IDENTITY`
+    where nothing happens)."""
 
     method: str
     elip_mode: str
     lam: float
     prop_attn: bool
-    elip_keep: tuple[int | None, ...] = field(default=())  # non-[CLS] tokens kept before layer l
-    evit_rate: tuple[float | None, ...] = field(default=())  # keep rate after layer l's attention
-    tome_r: tuple[int, ...] = field(default=())  # tokens merged after layer l's attention
+    before: tuple[Reducer, ...] = field(default=())
+    inside: tuple[Reducer, ...] = field(default=())
 
     @property
     def num_layers(self) -> int:
-        return len(self.tome_r)
+        return len(self.before)
+
+    @property
+    def text_guided(self) -> bool:
+        """Whether the encoder wants the text [CLS] (ELIP): the backbone runs its text encoder first."""
+        return any(step.text_guided for step in self.before)
+
+    @property
+    def elip_keep(self) -> tuple[int | None, ...]:
+        """Non-[CLS] tokens kept before each layer (None: no selection there)."""
+        return tuple(step.keep if isinstance(step, ElipSelect) else None for step in self.before)
 
     def tokens_per_layer(self, num_patches: int) -> list[int]:
         """Sequence length entering each layer, [CLS] included, for ``num_patches`` patches."""
         n, lengths = num_patches + 1, []
-        for keep, rate, r in zip(self.elip_keep, self.evit_rate, self.tome_r):
-            if keep is not None and keep < n - 1:
-                n = keep + 2
+        for before, inside in zip(self.before, self.inside):
+            n = before.tokens_after(n)
             lengths.append(n)
-            if rate is not None and num_kept(n, rate) < n - 1:
-                n = num_kept(n, rate) + 2
-            n -= min(r, (n - 1) // 2)
+            n = inside.tokens_after(n)
         return lengths
 
 
@@ -103,9 +116,8 @@ def build_plan(cfg: ReductionConfig, num_layers: int, num_patches: int) -> Reduc
         raise ValueError(f"reduction.elip_mode={cfg.elip_mode!r}; expected one of {ELIP_MODES}")
     if not 0.0 <= cfg.lam <= 1.0:
         raise ValueError(f"reduction.lam={cfg.lam} must be in [0, 1]")
-    elip_keep: list[int | None] = [None] * num_layers
-    evit_rate: list[float | None] = [None] * num_layers
-    tome_r = [0] * num_layers
+    before: list[Reducer] = [IDENTITY] * num_layers
+    inside: list[Reducer] = [IDENTITY] * num_layers
 
     if cfg.method == "elip":
         layers = _reduce_layers(cfg, num_layers, ELIP_VIT_B16[0])
@@ -116,22 +128,21 @@ def build_plan(cfg: ReductionConfig, num_layers: int, num_patches: int) -> Reduc
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"reduction.ratios[{i}]={ratio} must be in (0, 1]")
         for layer, ratio in zip(layers, ratios):
-            elip_keep[layer] = int(ratio * num_patches)
+            before[layer] = ElipSelect(int(ratio * num_patches))
     elif cfg.method == "evit":
         if not 0.0 < cfg.keep_rate <= 1.0:
             raise ValueError(f"reduction.keep_rate={cfg.keep_rate} must be in (0, 1]")
         for layer in _reduce_layers(cfg, num_layers, EVIT_DEFAULT_LAYERS):
-            evit_rate[layer] = cfg.keep_rate
+            inside[layer] = EvitFuse(cfg.keep_rate)
     elif cfg.method == "tome":
-        tome_r = r_schedule(num_layers, cfg.r, cfg.inflect)
+        inside = [TomeMerge(r) if r > 0 else IDENTITY for r in r_schedule(num_layers, cfg.r, cfg.inflect)]
 
     return ReductionPlan(
         method=cfg.method,
         elip_mode=cfg.elip_mode,
         lam=cfg.lam,
         prop_attn=cfg.prop_attn,
-        elip_keep=tuple(elip_keep),
-        evit_rate=tuple(evit_rate),
-        tome_r=tuple(tome_r),
+        before=tuple(before),
+        inside=tuple(inside),
     )
 

@@ -40,7 +40,9 @@ from pipeline.device import pick_device
 from pipeline.models import build_model
 from pipeline.tokens.plan import ReductionConfig
 
-from .optim import DTYPES, build_ds_config
+from pipeline.models.layers import DTYPES
+
+from .optim import build_ds_config
 from .profile import measure_step
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,14 @@ from pipeline.eval.tasks import check_contract, evaluation
 from pipeline.files import atomic_write_text
 from pipeline.models import build_model, eval_task
 from pipeline.models.contracts import GradCheckpointing, HasTeacher, PatchModel
+from pipeline.models.layers import DTYPES
 from pipeline.models.weights import init_from
 
 from . import autobatch as ab
 from . import checkpoint as ckpt
 from .distributed import DistInfo, setup_distributed
 from .monitor import Monitor, kept_patch_grid, peak_memory_gb
-from .optim import DTYPES, build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
+from .optim import build_ds_config, build_optimizer, build_scheduler, check_precision, offloads_optimizer
 
 log = logging.getLogger("pipeline.train")
 

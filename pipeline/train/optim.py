@@ -14,7 +14,6 @@ from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.models.contracts import LayerwiseLR, NoWeightDecay
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # train.precision -> dtype
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -11,12 +11,17 @@ for most captions, codes of what the caption says (one vector per shape group: c
 count + place). The codes are thrown away afterwards; what remains is an LLM whose input space
 has directions that mean "red", "two", "top left"..., which EVLGen's connector must find from
 pixels alone. The result is saved with ``save_pretrained`` into the directory the model config
-points to; everything after that goes through ``from_pretrained(local_dir)``.
+points to; everything after that goes through ``from_pretrained(local_dir)`` (the model side,
+:func:`pipeline.models.evlgen.load_llm`, only loads that directory).
 
-Regenerate the shipped tokenizer with ``python -m pipeline.models.tiny_llm tokenizer``.
+``python -m data_prep.tiny_llm --config CONFIG [key=value ...]`` builds the LLM of an EVLGen
+config whose ``model.llm.build_if_missing`` is set, into ``model.llm.pretrained``, unless it is
+there already (``launch/demo.sh`` runs it before training; any other config is left alone).
+Regenerate the shipped tokenizer with ``python -m data_prep.tiny_llm tokenizer``.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -26,9 +31,11 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from data_prep.captions import pre_caption
+from data_prep.synthetic import COLOURS, NUM_TEMPLATES, POSITIONS, SHAPES, _caption, compose
+from pipeline.models.evlgen import TINY_GPT2_TOKENIZER
 
-TINY_GPT2_TOKENIZER = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_gpt2_tokenizer")
+log = logging.getLogger(__name__)
 # OPT's special tokens and ids: "</s>" is both BOS and EOS.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 
@@ -36,9 +43,6 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 def caption_corpus(num: int, seed: int = 12345) -> list[list[str]]:
     """``num`` synthetic compositions, each as its five paraphrases (one per template), drawn
     with a seed and split of their own (never the training or evaluation images')."""
-    from data_prep.captions import pre_caption
-    from data_prep.synthetic import NUM_TEMPLATES, _caption, compose
-
     rng = random.Random(seed)
     return [[pre_caption(_caption(compose(seed, i, split="lm"), t, rng.randrange(2))) for t in range(NUM_TEMPLATES)]
             for i in range(num)]
@@ -136,8 +140,6 @@ class _ContextCodes(torch.nn.Module):
     and group-slot embeddings) and a learned "nothing" vector for empty context."""
 
     def __init__(self, width: int):
-        from data_prep.synthetic import COLOURS, POSITIONS, SHAPES
-
         super().__init__()
         values = {"colour": sorted(COLOURS), "shape": SHAPES, "count": (1, 2, 3), "position": POSITIONS}
         self.index = {key: {v: i for i, v in enumerate(vals)} for key, vals in values.items()}
@@ -161,9 +163,6 @@ class _ContextCodes(torch.nn.Module):
 
 def _pretrain(model, tok, steps: int, seed: int, batch_size: int, lr: float, max_positions: int) -> None:
     """Captions after 0-40 context vectors; for 80% of them the last vectors code their groups."""
-    from data_prep.captions import pre_caption
-    from data_prep.synthetic import NUM_TEMPLATES, _caption, compose
-
     rng = random.Random(seed)
     embed = model.get_input_embeddings()
     codes = _ContextCodes(embed.embedding_dim)
@@ -198,8 +197,40 @@ def _pretrain(model, tok, steps: int, seed: int, batch_size: int, lr: float, max
     model.eval()
 
 
+def build_for_config(config: str, overrides: list[str]) -> Path | None:
+    """Build the tiny LLM an experiment config asks for (``model.llm.build_if_missing``) into
+    its ``model.llm.pretrained``; None when the config asks for none."""
+    from pipeline.config import load_config
+
+    model = load_config(config, overrides).model
+    llm = getattr(model, "llm", None)
+    if llm is None or not llm.build_if_missing:
+        return None
+    if llm.pretrained is None:
+        raise ValueError("model.llm.build_if_missing: set model.llm.pretrained, the directory to build the LLM in")
+    return build_tiny_llm(llm.pretrained, llm.config, steps=llm.build_steps, seed=model.frozen_init_seed,
+                          tokenizer=llm.tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["tokenizer"]:
+        t = build_tiny_tokenizer()
+        print(f"wrote {TINY_GPT2_TOKENIZER}: {len(t)} tokens")
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.tiny_llm",
+        description="Build the tiny stand-in LLM of an EVLGen config (model.llm.build_if_missing) into "
+                    "model.llm.pretrained, once; 'python -m data_prep.tiny_llm tokenizer' rewrites the "
+                    "shipped tiny tokenizer.")
+    parser.add_argument("--config", required=True, help="a shipped config name or a YAML path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = build_for_config(args.config, args.overrides)
+    print(f"tiny LLM: {out}" if out else f"tiny LLM: {args.config} builds none")
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["tokenizer"]:
-        sys.exit("usage: python -m pipeline.models.tiny_llm tokenizer   (rewrites the shipped tiny tokenizer)")
-    t = build_tiny_tokenizer()
-    print(f"wrote {TINY_GPT2_TOKENIZER}: {len(t)} tokens")
+    sys.exit(main())

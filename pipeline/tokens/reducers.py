@@ -1,0 +1,110 @@
+"""One reduction step of one layer, as an object the encoder calls without knowing the method.
+
+A :class:`~pipeline.tokens.plan.ReductionPlan` holds one step before each layer and one after
+each layer's attention; where a method does nothing the step is :data:`IDENTITY` (timm's
+``nn.Identity``, ToMe's ``do_nothing``). Every step takes the same inputs, so a new method is a
+new step class here and a branch in :func:`~pipeline.tokens.plan.build_plan`, nothing else.
+
+Shapes: ``x [B, N, D]`` tokens, [CLS] first; ``scores [B, N-1]`` head-averaged [CLS]-query
+attention over the tokens after [CLS]; ``keys [B, H, N, d]`` the layer's attention keys;
+``size [B, N, 1]`` tokens merged into each (ToMe) or None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from pipeline.tokens import elip, evit, tome
+
+
+class Reduced(NamedTuple):
+    """A step's output. ``kept``: ``[B, K]`` positions (among the tokens after [CLS]) that survive
+    as themselves, one fused token appended after them; None when nothing was dropped."""
+
+    x: torch.Tensor
+    size: torch.Tensor | None
+    kept: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """A reduction step; this base does nothing (:data:`IDENTITY`), subclasses reduce."""
+
+    needs_scores = False  # wants the [CLS]-query attention of its input tokens
+    text_guided = False  # that query is the text-fused [CLS] (ELIP), not the layer's own
+    merges = False  # output tokens stand for several inputs: no single source patch
+
+    def acts(self, n: int) -> bool:
+        """Whether the step changes a sequence of ``n`` tokens ([CLS] included)."""
+        return False
+
+    def tokens_after(self, n: int) -> int:
+        """Sequence length out of this step for ``n`` tokens in, [CLS] included."""
+        return n
+
+    def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
+        return Reduced(x, size, None)
+
+
+IDENTITY = Reducer()
+
+
+@dataclass(frozen=True)
+class ElipSelect(Reducer):
+    """ELIP before a layer: keep the ``keep`` patches the text-fused [CLS] attends to most, fuse
+    the rest into one token (Eq. 3-4)."""
+
+    keep: int
+    needs_scores = True
+    text_guided = True
+
+    def acts(self, n: int) -> bool:
+        return self.keep < n - 1
+
+    def tokens_after(self, n: int) -> int:
+        return self.keep + 2 if self.acts(n) else n
+
+    def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
+        x, kept = elip.select_and_fuse(x, scores, self.keep, return_index=True)
+        return Reduced(x, size, kept)
+
+
+@dataclass(frozen=True)
+class EvitFuse(Reducer):
+    """EViT after a layer's attention: keep ``ceil(rate * (N-1))`` tokens by the layer's own
+    [CLS] attention, fuse the rest with their raw weights (the gradient flows through them)."""
+
+    rate: float
+    needs_scores = True
+
+    def acts(self, n: int) -> bool:
+        return evit.num_kept(n, self.rate) < n - 1
+
+    def tokens_after(self, n: int) -> int:
+        return evit.num_kept(n, self.rate) + 2 if self.acts(n) else n
+
+    def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
+        x, kept = evit.select_and_fuse(x, scores.to(x.dtype), self.rate, return_index=True)
+        return Reduced(x, size, kept)
+
+
+@dataclass(frozen=True)
+class TomeMerge(Reducer):
+    """ToMe after a layer's attention: merge ``r`` tokens by bipartite soft matching of the
+    head-averaged keys, size-weighted."""
+
+    r: int
+    merges = True
+
+    def acts(self, n: int) -> bool:
+        return self.tokens_after(n) < n
+
+    def tokens_after(self, n: int) -> int:
+        return n - min(self.r, (n - 1) // 2)
+
+    def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
+        merge, _ = tome.bipartite_soft_matching(keys.mean(dim=1), self.r, class_token=True)
+        x, size = tome.merge_wavg(merge, x, size)
+        return Reduced(x, size, None)
