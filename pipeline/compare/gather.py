@@ -7,7 +7,6 @@ measured training step), ``metrics.jsonl`` (samples/s, tokens per layer, CUDA pe
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -45,8 +44,10 @@ def quality(eval_json: dict) -> dict[str, float]:
 def read_run(run_dir: Path, seed: int) -> dict:
     """What one run measured; ``status`` says if it is usable (``finished``) and ``error`` why not."""
     record = _json(run_dir / "sweep_run.json") or {}
-    row = {"seed": seed, "run_dir": str(run_dir), "status": record.get("state") or "not run",
-           "error": record.get("error")}
+    state = record.get("state") or "not run"
+    if state == "training":  # the runner writes it before it starts the trainer
+        state = "training or interrupted"
+    row = {"seed": seed, "run_dir": str(run_dir), "status": state, "error": record.get("error")}
     ev = _json(run_dir / "eval.json")
     cost = _json(run_dir / "cost.json")
     if row["status"] == "finished" and (ev is None or cost is None):
@@ -175,6 +176,3 @@ def gather(sweep_dir: Path) -> dict:
     return {"baseline": baseline, "sweep": info.get("path"), "seeds": seeds,
             "extra_overrides": info.get("extra_overrides", []), "rows": rows, "judgement": judge(rows, baseline)}
 
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
