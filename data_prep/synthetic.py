@@ -6,6 +6,12 @@ bottom right". The vocabulary is small (3 shapes, 6 colours, 4 positions, counts
 every word is tied to something visible at 64-96 px, so image-text matching is learnable
 and different images are distinguishable (over 40 000 compositions), which makes
 retrieval above chance possible. Everything is a pure function of (seed, split, index).
+
+``distractors=N`` adds up to N groups the captions never mention, in the quadrants the
+described groups leave free: an image then holds more than its caption says, so which
+tokens a model keeps matters (dropping the described shapes' patches loses the match, and
+the text has something to point at), as in ELIP's premise that much of an image is
+irrelevant to its caption.
 """
 import io
 import os
@@ -60,21 +66,32 @@ def _rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"elip-synthetic/{seed}/{split}/{index}")
 
 
+def _random_group(rng: random.Random, position: str) -> dict:
+    return {"shape": rng.choice(SHAPES), "colour": rng.choice(sorted(COLOURS)),
+            "count": rng.choice((1, 2, 3)), "position": position}
+
+
 def compose(seed: int, index: int, split: str = "train") -> list[dict]:
     """The groups of sample ``index``: ``[{"shape", "colour", "count", "position"}]``."""
     rng = _rng(seed, split, index)
     positions = rng.sample(POSITIONS, 2 if rng.random() < 0.65 else 1)
-    groups = []
-    for pos in positions:
-        groups.append({"shape": rng.choice(SHAPES), "colour": rng.choice(sorted(COLOURS)),
-                       "count": rng.choice((1, 2, 3)), "position": pos})
-    return groups
+    return [_random_group(rng, pos) for pos in positions]
 
 
-def draw(groups: list[dict], image_size: int = 96, rng: random.Random | None = None) -> Image.Image:
-    """Draw ``groups`` on a ``image_size`` square canvas; ``rng`` jitters sizes and places."""
+def compose_distractors(seed: int, index: int, groups: list[dict], n: int, split: str = "train") -> list[dict]:
+    """Up to ``n`` unmentioned groups in the quadrants ``groups`` leave free (fewer when fewer
+    are free). A separate random stream: the described groups do not depend on ``n``."""
+    rng = _rng(seed, split + "/distractors", index)
+    free = [p for p in POSITIONS if p not in {g["position"] for g in groups}]
+    return [_random_group(rng, pos) for pos in rng.sample(free, min(n, len(free)))]
+
+
+def draw(groups: list[dict], image_size: int = 96, rng: random.Random | None = None,
+         image: Image.Image | None = None) -> Image.Image:
+    """Draw ``groups`` on a ``image_size`` square canvas (or onto ``image``); ``rng`` jitters
+    sizes and places."""
     rng = rng or random.Random(0)
-    im = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    im = image if image is not None else Image.new("RGB", (image_size, image_size), BACKGROUND)
     d = ImageDraw.Draw(im)
     half = image_size / 2
     cell = half / 2  # each quadrant holds a 2x2 grid of slots, one shape per slot
@@ -97,11 +114,17 @@ def draw(groups: list[dict], image_size: int = 96, rng: random.Random | None = N
 
 
 def make_example(seed: int, index: int, image_size: int = 96, captions_per_image: int = 1,
-                 split: str = "train") -> tuple[Image.Image, list[str], list[dict]]:
-    """Return ``(image, captions, groups)`` of sample ``index`` without writing anything."""
+                 split: str = "train", distractors: int = 0) -> tuple[Image.Image, list[str], list[dict]]:
+    """Return ``(image, captions, groups)`` of sample ``index`` without writing anything.
+
+    ``groups`` are the described groups; with ``distractors`` the image also holds
+    :func:`compose_distractors`' groups, which no caption mentions."""
     groups = compose(seed, index, split)
+    unmentioned = compose_distractors(seed, index, groups, distractors, split) if distractors else []
     rng = _rng(seed, split + "/draw", index)
     image = draw(groups, image_size, rng)
+    if unmentioned:  # its own stream: the described shapes and the captions stay as without distractors
+        draw(unmentioned, image_size, _rng(seed, split + "/draw-distractors", index), image)
     if captions_per_image <= 1:
         templates = [rng.randrange(NUM_TEMPLATES)]
     else:
@@ -115,32 +138,39 @@ def make_example(seed: int, index: int, image_size: int = 96, captions_per_image
 class SyntheticSampler:
     """Picklable ``make_sample`` for :func:`data_prep.writer.write_dataset`."""
 
-    def __init__(self, seed, image_size, captions_per_image, split, max_words):
+    def __init__(self, seed, image_size, captions_per_image, split, max_words, distractors=0):
         self.seed, self.image_size, self.split = seed, image_size, split
         self.captions_per_image, self.max_words = captions_per_image, max_words
+        self.distractors = distractors
 
     def __call__(self, row_index: int, index: int) -> dict:
         image, captions, groups = make_example(self.seed, index, self.image_size,
-                                               self.captions_per_image, self.split)
+                                               self.captions_per_image, self.split, self.distractors)
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=90)
         captions = [pre_caption(c, self.max_words) for c in captions]
-        return {"jpg": buf.getvalue(), "txt": captions[0],
-                "json": {"source": NAME, "image_id": index, "original_size": list(image.size),
-                         "captions": captions, "split": self.split, "objects": groups}}
+        meta = {"source": NAME, "image_id": index, "original_size": list(image.size),
+                "captions": captions, "split": self.split, "objects": groups}
+        if self.distractors:
+            meta["distractors"] = compose_distractors(self.seed, index, groups, self.distractors, self.split)
+        return {"jpg": buf.getvalue(), "txt": captions[0], "json": meta}
 
 
 def build(out_dir, num: int, seed: int = 0, image_size: int = 96, shard_size: int = 1000,
           captions_per_image: int = 1, split: str = "train", prefix: str | None = None,
           workers: int = 1, max_words: int = DEFAULT_MAX_WORDS, min_shards: int = 64,
-          overwrite: bool = False, show_progress: bool = False, part: writer.Part = writer.Part()) -> dict:
+          overwrite: bool = False, show_progress: bool = False, part: writer.Part = writer.Part(),
+          distractors: int = 0) -> dict:
     """Write ``num`` synthetic samples as shards under ``out_dir``; return the manifest.
 
     ``split="test"`` (or any name other than ``train``) draws a disjoint set of images and
     marks the set as an evaluation set; use ``captions_per_image=5`` for Karpathy-style
     retrieval evaluation. Default prefix: ``synthetic`` for train, ``synthetic_SPLIT`` else.
     ``part``: write only that task's shards (``--part I/N``, see :class:`data_prep.writer.Part`).
+    ``distractors``: unmentioned groups per image, at most 3 (:func:`compose_distractors`).
     """
+    if not 0 <= distractors <= len(POSITIONS) - 1:
+        raise DataPrepError(f"--distractors must be in [0, {len(POSITIONS) - 1}] (free quadrants), got {distractors}")
     if num < 1:
         raise DataPrepError(f"--num must be at least 1, got {num}")
     if image_size < 16:
@@ -148,7 +178,9 @@ def build(out_dir, num: int, seed: int = 0, image_size: int = 96, shard_size: in
     prefix = prefix or (NAME if split == "train" else f"{NAME}_{split}")
     fingerprint = {"seed": seed, "image_size": image_size, "captions_per_image": captions_per_image,
                    "split": split, "max_words": max_words}
-    sampler = SyntheticSampler(seed, image_size, captions_per_image, split, max_words)
+    if distractors:  # absent at 0, so that sets written before the option keep their fingerprint
+        fingerprint["distractors"] = distractors
+    sampler = SyntheticSampler(seed, image_size, captions_per_image, split, max_words, distractors)
     return writer.write_dataset(Path(out_dir), prefix, NAME, range(num), sampler, shard_size=shard_size,
                                 fingerprint=fingerprint, extra={"split": split, "eval": split != "train"},
                                 workers=workers, overwrite=overwrite, min_shards=min_shards,
@@ -164,6 +196,10 @@ def add_arguments(parser) -> None:
                              "--captions-per-image defaults to 5")
     parser.add_argument("--captions-per-image", type=int, default=None,
                         help="captions kept in KEY.json (default 1, or 5 with --eval)")
+    parser.add_argument("--distractors", type=int, default=0,
+                        help="up to this many unmentioned shape groups per image, in the quadrants the "
+                             "described ones leave free (0-3; default 0): the caption describes only part "
+                             "of the image")
 
 
 def run(args) -> dict:
@@ -173,4 +209,4 @@ def run(args) -> dict:
                  captions_per_image=cpi, split=split, prefix=args.prefix,
                  workers=args.workers or (1 if args.num < 20000 else os.cpu_count() or 1),
                  max_words=args.max_words, min_shards=args.min_shards, overwrite=args.overwrite,
-                 show_progress=not args.no_progress, part=args.part)
+                 show_progress=not args.no_progress, part=args.part, distractors=args.distractors)

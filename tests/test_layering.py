@@ -10,7 +10,7 @@ PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
 
 # top to bottom; a module belongs to the first entry that is a prefix of its dotted name
 LAYERS = [
-    ("applications", ("pipeline.bench", "pipeline.train.__main__", "pipeline.eval.__main__")),
+    ("applications", ("pipeline.bench", "pipeline.compare", "pipeline.train.__main__", "pipeline.eval.__main__")),
     ("training", ("pipeline.train",)),
     ("evaluation", ("pipeline.eval",)),
     ("building", ("pipeline.models", "pipeline.data", "pipeline.config", "pipeline.configs")),
