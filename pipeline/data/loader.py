@@ -429,7 +429,9 @@ class _EvalStream(IterableDataset):
         if not captions:
             raise ValueError(f"eval sample {sample.get('__key__')!r} has no caption")
         image = _pixels(sample, self.transform)
-        return {"image": image, "captions": captions, "key": sample["__key__"]}
+        meta = sample.get("json")
+        meta = json.loads(meta) if isinstance(meta, (bytes, str)) else (meta or {})
+        return {"image": image, "captions": captions, "key": sample["__key__"], "meta": meta}
 
     def __iter__(self):
         errors = SkipCounter("eval sample")
@@ -437,7 +439,8 @@ class _EvalStream(IterableDataset):
         def collate(samples):
             return {"image": torch.stack([s["image"] for s in samples]),
                     "captions": [s["captions"] for s in samples],
-                    "key": [s["key"] for s in samples]}
+                    "key": [s["key"] for s in samples],
+                    "meta": [s["meta"] for s in samples]}
 
         return iter(wds.DataPipeline(
             lambda: iter([dict(url=u) for u in self.urls]),
@@ -451,7 +454,8 @@ class _EvalStream(IterableDataset):
 
 def build_eval_loader(shards: str, *, image_size: int, batch_size: int, workers: int = 0, max_words: int = 30,
                       rank: int = 0, world_size: int = 1):
-    """Evaluation batches ``{"image": [B, 3, H, W], "captions": list[list[str]], "key": list[str]}``
+    """Evaluation batches ``{"image": [B, 3, H, W], "captions": list[list[str]], "key": list[str],
+    "meta": list[dict]}`` (``meta``: each ``KEY.json``; a downstream task's question and answers)
     (``image`` ``[B, T, 3, H, W]`` for video samples)
     in shard order, no augmentation; with ``world_size > 1`` each rank reads shards rank::world."""
     sources, _ = parse_shard_spec(shards)
