@@ -22,9 +22,10 @@ def test_every_builtin_model_provides_what_its_evaluation_calls(name):
 
 def test_eval_task_is_declared_on_the_registry_entry():
     assert {name: eval_task(name) for name in BUILTIN} == {
-        "albef": "retrieval", "blip": "retrieval", "meter": "retrieval", "clip": "retrieval", "evlgen": "caption"}
-    assert set(EVALUATIONS) == {"retrieval", "caption", "vqa"}
-    with pytest.raises(KeyError, match="'nlvr' is not known; known: \\['caption', 'retrieval', 'vqa'\\]"):
+        "albef": "retrieval", "blip": "retrieval", "meter": "retrieval", "clip": "retrieval", "evlgen": "caption",
+        "albef_ve": "classify"}
+    assert set(EVALUATIONS) == {"retrieval", "caption", "vqa", "classify"}
+    with pytest.raises(KeyError, match="'nlvr' is not known; known: \\['caption', 'classify', 'retrieval', 'vqa'\\]"):
         evaluation("nlvr")
     assert protocol_members(VqaAnswerer) == ["answer_questions", "vqa_defaults"]
     assert all(hasattr(model_entry("evlgen").build, m) for m in protocol_members(VqaAnswerer))

@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch.nn as nn
 
-from pipeline.models.contracts import Captioner, RetrievalModel, VqaAnswerer, protocol_members
+from pipeline.models.contracts import Captioner, Classifier, RetrievalModel, VqaAnswerer, protocol_members
 
-from . import caption, retrieval, vqa
+from . import caption, classify, retrieval, vqa
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ EVALUATIONS: dict[str, Evaluation] = {
     "retrieval": Evaluation(RetrievalModel, retrieval.evaluate, retrieval.evaluate_shards, retrieval.format_table),
     "caption": Evaluation(Captioner, caption.evaluate, caption.evaluate_shards, caption.format_table),
     "vqa": Evaluation(VqaAnswerer, vqa.evaluate, vqa.evaluate_shards, vqa.format_table),
+    "classify": Evaluation(Classifier, classify.evaluate, classify.evaluate_shards, classify.format_table),
 }
 
 

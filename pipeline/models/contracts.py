@@ -83,6 +83,17 @@ class VqaAnswerer(Protocol):
 
 
 @runtime_checkable
+class Classifier(Protocol):
+    """Classifies (image, text) pairs (:mod:`pipeline.eval.classify`): ``classify(images [B, 3, H, W],
+    texts) -> logits [B, num_classes]``, the true class being each sample's ``KEY.json[label_key]``."""
+
+    num_classes: int
+    label_key: str
+
+    def classify(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class LayerwiseLR(Protocol):
     """Per-module learning rates: ``{parameter name prefix: multiplier of optim.lr}`` (METER's
     5x for its cross-modal layers)."""
