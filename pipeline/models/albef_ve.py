@@ -32,7 +32,7 @@ class AlbefVeConfig:
 
 
 class AlbefVE(nn.Module):
-    """``forward(batch) -> dict(loss, loss_ve, accuracy, tokens_per_layer, kept_patches)``;
+    """``forward(batch) -> dict(loss, loss_ve, tokens_per_layer, kept_patches)``;
     ``classify(images, texts) -> logits [B, 3]``; labels from each sample's ``KEY.json``
     ``label_id`` (``batch["meta"]``)."""
 
@@ -77,9 +77,7 @@ class AlbefVE(nn.Module):
         logits, vision = self._logits(batch["image"], batch["text"])
         labels = self.labels(batch["meta"], logits.device)
         loss = F.cross_entropy(logits, labels)
-        return {"loss": loss, "loss_ve": loss.detach(),
-                "accuracy": (logits.argmax(-1) == labels).float().mean().detach(),
-                "tokens_per_layer": vision.tokens_per_layer, "kept_patches": vision.kept_patches}
+        return {"loss": loss, "loss_ve": loss.detach(), "tokens_per_layer": vision.tokens_per_layer, "kept_patches": vision.kept_patches}
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
