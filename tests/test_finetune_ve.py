@@ -82,3 +82,29 @@ def test_classification_evaluation_on_synthetic_ve_shards(tmp_path):
     labels = [json.loads(tarfile.open(t).extractfile(m_).read())["label_id"]
               for t in sorted(out.glob("*.tar")) for m_ in tarfile.open(t).getmembers() if m_.name.endswith(".json")]
     assert neutral == pytest.approx(100 * labels.count(1) / len(labels))
+
+
+def test_classify_cli_reloads_a_fine_tuned_checkpoint(tmp_path, capsys):
+    import json
+
+    from pipeline.config import save_config
+    from pipeline.eval.__main__ import main as eval_main
+    from tests.test_vqa_eval import _checkpoint
+
+    out = tmp_path / "ve"
+    assert data_prep_main(["synthetic_ve", "--num", "20", "--eval", "--out", str(out), "--image-size", "64",
+                           "--no-progress", "--workers", "1", "--min-shards", "1"]) == 0
+    run = tmp_path / "run"
+    cfg = load_config("tiny_albef_ve", [f"train.run_dir={run}"])
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(3)
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():  # the checkpoint always says "contradiction": the CLI must score its weights
+        model.cls_head[2].weight.zero_()
+        model.cls_head[2].bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    _checkpoint(model, run, step=3)
+    assert eval_main(["classify", "--run", str(run), "--shards", str(out)]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    direct = evaluate_shards(model, str(out), image_size=64, batch_size=8)
+    assert result["step"] == 3 and result["num_samples"] == 20
+    assert result["accuracy"] == pytest.approx(direct["accuracy"]) and "chance" in capsys.readouterr().out

@@ -77,8 +77,8 @@ def _checkpoint(model: EVLGen, run, step: int) -> None:
     the trainable part, ``meta.json`` last), without a DeepSpeed engine."""
     tag = run / "checkpoints" / f"step_{step}"
     tag.mkdir(parents=True)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"module": {k: v for k, v in model.state_dict().items() if k in trainable}},
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    torch.save({"module": {k: v for k, v in model.state_dict().items() if k not in frozen}},
                tag / "mp_rank_00_model_states.pt")
     (tag / "meta.json").write_text(json.dumps({"step": step}))
     (run / "checkpoints" / "latest").write_text(tag.name)

@@ -3,6 +3,7 @@
     python -m pipeline.eval retrieval --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--k-test K]
     python -m pipeline.eval caption --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--num-beams N] ...
     python -m pipeline.eval vqa --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--prompt "Question: {} Short answer:"] ...
+    python -m pipeline.eval classify --run RUN_DIR [--checkpoint PATH] [--shards SPEC]
     python -m pipeline.eval vqa-score --questions Q.json --annotations A.json --results R.json [--json]
 
 Reads ``RUN_DIR/config.yaml``, loads the newest complete checkpoint (or ``--checkpoint``),
@@ -135,6 +136,21 @@ def _caption(args) -> int:
     return 0
 
 
+def _classify(args) -> int:
+    task = evaluation(args.task)
+    run, cfg, shards, device = _open_run(args)
+    model, tag_dir, step = _load_trained(cfg, args, run, device)
+    metrics = task.evaluate_shards(model, shards, image_size=cfg.data.image_size, batch_size=args.batch_size,
+                                   device=device)
+    metrics.update(checkpoint=str(tag_dir), step=step, shards=shards)
+    out = Path(args.out) if args.out else run / "eval.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    _tensorboard(run, step, {k: v for k, v in metrics.items() if k in ("accuracy", "chance")})
+    print(task.format_table(metrics))
+    print(f"checkpoint {tag_dir.name}, step {step}; written to {out}")
+    return 0
+
+
 def _vqa(args) -> int:
     from pipeline.eval.vqa_files import write_results
 
@@ -231,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     zs.add_argument("--length-penalty", type=float, default=None, help="beam score length exponent (< 0: shorter)")
     zs.add_argument("--batch-size", type=int, default=32)
     zs.add_argument("--limit", type=int, default=None, help="answer at most this many questions")
+    cls = sub.add_parser("classify", parents=[run], help="accuracy of a fine-tuned classifier (SNLI-VE) beside chance")
+    cls.add_argument("--shards", help="task shards with the label in KEY.json (default: config)")
+    cls.add_argument("--batch-size", type=int, default=64)
     vqa = sub.add_parser("vqa-score", help="score a VQAv2 / OK-VQA results file (official accuracy, x100)",
                          description="Score [{question_id, answer}] against the official questions and annotations "
                                      "JSON: overall and per-answer-type accuracy (vqaEval.py's normalisation, "
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     allow_pipe_shards(args.allow_pipe_shards)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"retrieval": _retrieval, "caption": _caption, "vqa": _vqa, "vqa-score": _vqa_score}[args.task](args)
+        return {"retrieval": _retrieval, "caption": _caption, "vqa": _vqa, "classify": _classify, "vqa-score": _vqa_score}[args.task](args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
