@@ -96,7 +96,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # zero-shot retrieval every N optimizer steps and at the end; 0 = never in training
+    every: int = 0  # evaluate every N optimizer steps and at the end; 0 = never in training
+    task: str = ""  # the evaluation eval.every runs (pipeline.eval.tasks: retrieval, caption, vqa); "" = the model's
     shards: str = ""  # evaluation shard set (brace pattern or directory with manifest.json)
     k_test: int = 256  # ITC top-k re-ranked by ITM
     batch_size: int = 64

@@ -8,7 +8,7 @@ from pipeline.config import ConfigError, load_config, save_config
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.tasks import EVALUATIONS, check_contract, evaluation
 from pipeline.models import BUILTIN, eval_task, model_entry
-from pipeline.models.contracts import Captioner, ItmScorer, RetrievalModel, protocol_members
+from pipeline.models.contracts import Captioner, ItmScorer, RetrievalModel, VqaAnswerer, protocol_members
 from tests.helpers_train import ToyConfig, ToyModel, toy_config_dict
 
 
@@ -22,10 +22,13 @@ def test_every_builtin_model_provides_what_its_evaluation_calls(name):
 
 def test_eval_task_is_declared_on_the_registry_entry():
     assert {name: eval_task(name) for name in BUILTIN} == {
-        "albef": "retrieval", "blip": "retrieval", "meter": "retrieval", "clip": "retrieval", "evlgen": "caption"}
-    assert set(EVALUATIONS) == {"retrieval", "caption"}
-    with pytest.raises(KeyError, match="'vqa' is not known; known: \\['caption', 'retrieval'\\]"):
-        evaluation("vqa")
+        "albef": "retrieval", "blip": "retrieval", "meter": "retrieval", "clip": "retrieval", "evlgen": "caption",
+        "albef_ve": "classify"}
+    assert set(EVALUATIONS) == {"retrieval", "caption", "vqa", "classify"}
+    with pytest.raises(KeyError, match="'nlvr' is not known; known: \\['caption', 'classify', 'retrieval', 'vqa'\\]"):
+        evaluation("nlvr")
+    assert protocol_members(VqaAnswerer) == ["answer_questions", "vqa_defaults"]
+    assert all(hasattr(model_entry("evlgen").build, m) for m in protocol_members(VqaAnswerer))
     assert protocol_members(Captioner) == ["caption_defaults", "generate_captions"]
     # BLIP captions too (its decoder), though it is evaluated by retrieval
     assert all(hasattr(model_entry("blip").build, m) for m in protocol_members(Captioner))

@@ -284,7 +284,10 @@ class _TrainStream(IterableDataset):
         if not caption:
             raise ValueError(f"sample {sample.get('__key__')!r}: empty caption")
         image = _augmented(sample, self.transform, torch.Generator().manual_seed(s))
-        return {"image": image, "text": caption, "__raw__": sample["__raw__"], "__key__": sample["__key__"]}
+        meta = sample.get("json")
+        meta = json.loads(meta) if isinstance(meta, (bytes, str)) else (meta or {})
+        return {"image": image, "text": caption, "meta": meta, "__raw__": sample["__raw__"],
+                "__key__": sample["__key__"]}
 
     def _raw_samples(self, worker: int, num_workers: int, errors: SkipCounter) -> Iterator[dict]:
         """This worker's endless stream of undecoded samples for the epoch (shuffled)."""
@@ -327,6 +330,7 @@ class _TrainStream(IterableDataset):
                 "image": normalize(torch.stack([s["image"] for s in samples])),
                 "text": [s["text"] for s in samples],
                 "key": [s["__key__"] for s in samples],
+                "meta": [s["meta"] for s in samples],  # KEY.json: a downstream task's label or answers
                 "__meta__": {"worker": worker, "raw_end": samples[-1]["__raw__"] + 1, "errors": errors.count},
             }
 
@@ -346,7 +350,7 @@ class TrainLoader:
     """Epochs of training batches for one rank; see the module docstring.
 
     ``iter_epoch(epoch)`` yields ``{"image": FloatTensor[B, 3, H, W], "text": list[str],
-    "key": list[str]}`` (``image`` is ``[B, T, 3, H, W]`` for video samples of T frames) and keeps :attr:`position` up to date; it continues from the position
+    "key": list[str], "meta": list[dict]}`` (``meta``: each ``KEY.json``) (``image`` is ``[B, T, 3, H, W]`` for video samples of T frames) and keeps :attr:`position` up to date; it continues from the position
     when the position is inside that epoch (after ``position.load_state_dict`` on resume).
     """
 
@@ -429,7 +433,9 @@ class _EvalStream(IterableDataset):
         if not captions:
             raise ValueError(f"eval sample {sample.get('__key__')!r} has no caption")
         image = _pixels(sample, self.transform)
-        return {"image": image, "captions": captions, "key": sample["__key__"]}
+        meta = sample.get("json")
+        meta = json.loads(meta) if isinstance(meta, (bytes, str)) else (meta or {})
+        return {"image": image, "captions": captions, "key": sample["__key__"], "meta": meta}
 
     def __iter__(self):
         errors = SkipCounter("eval sample")
@@ -437,7 +443,8 @@ class _EvalStream(IterableDataset):
         def collate(samples):
             return {"image": torch.stack([s["image"] for s in samples]),
                     "captions": [s["captions"] for s in samples],
-                    "key": [s["key"] for s in samples]}
+                    "key": [s["key"] for s in samples],
+                    "meta": [s["meta"] for s in samples]}
 
         return iter(wds.DataPipeline(
             lambda: iter([dict(url=u) for u in self.urls]),
@@ -451,7 +458,8 @@ class _EvalStream(IterableDataset):
 
 def build_eval_loader(shards: str, *, image_size: int, batch_size: int, workers: int = 0, max_words: int = 30,
                       rank: int = 0, world_size: int = 1):
-    """Evaluation batches ``{"image": [B, 3, H, W], "captions": list[list[str]], "key": list[str]}``
+    """Evaluation batches ``{"image": [B, 3, H, W], "captions": list[list[str]], "key": list[str],
+    "meta": list[dict]}`` (``meta``: each ``KEY.json``; a downstream task's question and answers)
     (``image`` ``[B, T, 3, H, W]`` for video samples)
     in shard order, no augmentation; with ``world_size > 1`` each rank reads shards rank::world."""
     sources, _ = parse_shard_spec(shards)

@@ -2,13 +2,16 @@
 
     python -m pipeline.eval retrieval --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--k-test K]
     python -m pipeline.eval caption --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--num-beams N] ...
+    python -m pipeline.eval vqa --run RUN_DIR [--checkpoint PATH] [--shards SPEC] [--prompt "Question: {} Short answer:"] ...
+    python -m pipeline.eval classify --run RUN_DIR [--checkpoint PATH] [--shards SPEC]
     python -m pipeline.eval vqa-score --questions Q.json --annotations A.json --results R.json [--json]
 
 Reads ``RUN_DIR/config.yaml``, loads the newest complete checkpoint (or ``--checkpoint``),
 evaluates on ``--shards`` (default: the config's ``eval.shards``), prints the table, writes
 ``eval.json`` into the run directory and the scores to its TensorBoard (captioning also adds a
 few images with their generated and reference captions, and writes every caption to
-``captions.json``). ``vqa-score`` needs no run: it scores an official-format results file against
+``captions.json``; ``vqa`` writes every answer to ``vqa_results.json`` in the official submission
+format ``[{"question_id", "answer"}]``). ``vqa-score`` needs no run: it scores an official-format results file against
 the official VQAv2 / OK-VQA questions and annotations (``pipeline.eval.vqa_metric``).
 """
 from __future__ import annotations
@@ -133,6 +136,60 @@ def _caption(args) -> int:
     return 0
 
 
+def _classify(args) -> int:
+    task = evaluation(args.task)
+    run, cfg, shards, device = _open_run(args)
+    model, tag_dir, step = _load_trained(cfg, args, run, device)
+    metrics = task.evaluate_shards(model, shards, image_size=cfg.data.image_size, batch_size=args.batch_size,
+                                   device=device)
+    metrics.update(checkpoint=str(tag_dir), step=step, shards=shards)
+    out = Path(args.out) if args.out else run / "eval.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    _tensorboard(run, step, {k: v for k, v in metrics.items() if k in ("accuracy", "chance")})
+    print(task.format_table(metrics))
+    print(f"checkpoint {tag_dir.name}, step {step}; written to {out}")
+    return 0
+
+
+def _vqa(args) -> int:
+    from pipeline.eval.vqa_files import write_results
+
+    task = evaluation(args.task)
+    run, cfg, shards, device = _open_run(args)
+    model, tag_dir, step = _load_trained(cfg, args, run, device)
+    generate = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_length=args.min_length,
+                    num_beams=args.num_beams, length_penalty=args.length_penalty)
+    metrics, rows = task.evaluate_shards(model, shards, image_size=cfg.data.image_size, batch_size=args.batch_size,
+                                         device=device, limit=args.limit, **generate)
+    chance = _chance(rows)
+    out = dict(metrics, chance=chance, checkpoint=str(tag_dir), step=step, shards=shards,
+               generate=dict(model.vqa_defaults) | {k: v for k, v in generate.items() if v is not None},
+               examples=[{k: r[k] for k in ("question_id", "question", "answer", "answers")} for r in rows[:10]])
+    path = Path(args.out) if args.out else run / "eval.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    results = path.parent / "vqa_results.json"
+    write_results(results, {r["question_id"]: r["answer"] for r in rows})
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    scalars.update({f"accuracy_{t}": a for t, a in metrics.get("per_answer_type", {}).items()})
+    _tensorboard(run, step, {f"vqa_{k}": v for k, v in scalars.items()})
+    print(task.format_table(metrics, chance))
+    for r in rows[:3]:
+        print(f"  {r['question']!r} -> {r['answer']!r}  (answers: {r['answers'][:3]})")
+    print(f"checkpoint {tag_dir.name}, step {step}; written to {path} and {results}")
+    return 0
+
+
+def _chance(rows: list[dict]) -> float | None:
+    """Share of the questions the most frequent human answer (each question's first) gets right:
+    what answering one word to everything scores, in [0, 1]; None without answers."""
+    from collections import Counter
+
+    from pipeline.eval.vqa_metric import normalize_answer
+
+    firsts = Counter(normalize_answer(r["answers"][0]) for r in rows if r["answers"])
+    return max(firsts.values()) / sum(firsts.values()) if firsts else None
+
+
 def _vqa_score(args) -> int:
     from pipeline.eval.vqa_files import load_official, load_results
     from pipeline.eval.vqa_metric import score
@@ -180,6 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--limit", type=int, default=None, help="caption at most this many samples")
     cap.add_argument("--compare-untrained", action="store_true",
                      help="also score the model as training starts it (connector untrained), stored as 'untrained'")
+    zs = sub.add_parser("vqa", parents=[run], help="zero-shot VQA (VQAv2 / OK-VQA accuracy, GQA exact match)")
+    zs.add_argument("--shards", help="VQA shards from data_prep vqav2 / okvqa / gqa / synthetic_vqa (default: config)")
+    zs.add_argument("--prompt", default=None, help='template with one {} for the question (default: the model\'s, '
+                                                    '"Question: {} Short answer:")')
+    zs.add_argument("--max-new-tokens", type=int, default=None)
+    zs.add_argument("--min-length", type=int, default=None, help="minimum generated tokens")
+    zs.add_argument("--num-beams", type=int, default=None)
+    zs.add_argument("--length-penalty", type=float, default=None, help="beam score length exponent (< 0: shorter)")
+    zs.add_argument("--batch-size", type=int, default=32)
+    zs.add_argument("--limit", type=int, default=None, help="answer at most this many questions")
+    cls = sub.add_parser("classify", parents=[run], help="accuracy of a fine-tuned classifier (SNLI-VE) beside chance")
+    cls.add_argument("--shards", help="task shards with the label in KEY.json (default: config)")
+    cls.add_argument("--batch-size", type=int, default=64)
     vqa = sub.add_parser("vqa-score", help="score a VQAv2 / OK-VQA results file (official accuracy, x100)",
                          description="Score [{question_id, answer}] against the official questions and annotations "
                                      "JSON: overall and per-answer-type accuracy (vqaEval.py's normalisation, "
@@ -194,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     allow_pipe_shards(args.allow_pipe_shards)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"retrieval": _retrieval, "caption": _caption, "vqa-score": _vqa_score}[args.task](args)
+        return {"retrieval": _retrieval, "caption": _caption, "vqa": _vqa, "classify": _classify,
+                "vqa-score": _vqa_score}[args.task](args)
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

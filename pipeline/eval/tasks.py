@@ -1,4 +1,5 @@
-"""The evaluations by task name, as a model's registry entry names them (``eval_task``).
+"""The evaluations by task name, as a model's registry entry names them (``eval_task``) or
+``eval.task`` picks one of the others the model provides.
 
 The trainer (``eval.every``) and ``python -m pipeline.eval`` look an evaluation up here; each
 says which model protocol it needs, so a model that lacks it is refused before any work.
@@ -10,9 +11,9 @@ from typing import Callable
 
 import torch.nn as nn
 
-from pipeline.models.contracts import Captioner, RetrievalModel, protocol_members
+from pipeline.models.contracts import Captioner, Classifier, RetrievalModel, VqaAnswerer, protocol_members
 
-from . import caption, retrieval
+from . import caption, classify, retrieval, vqa
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class Evaluation:
 EVALUATIONS: dict[str, Evaluation] = {
     "retrieval": Evaluation(RetrievalModel, retrieval.evaluate, retrieval.evaluate_shards, retrieval.format_table),
     "caption": Evaluation(Captioner, caption.evaluate, caption.evaluate_shards, caption.format_table),
+    "vqa": Evaluation(VqaAnswerer, vqa.evaluate, vqa.evaluate_shards, vqa.format_table),
+    "classify": Evaluation(Classifier, classify.evaluate, classify.evaluate_shards, classify.format_table),
 }
 
 

@@ -27,11 +27,11 @@ MODELS: dict[str, ModelEntry] = {}
 def register_model(name: str, config_cls: type, build: Callable[[Any], nn.Module],
                    eval_task: str = "retrieval") -> None:
     """Make ``model.name: <name>`` buildable; ``config_cls`` is the dataclass its YAML fills,
-    ``eval_task`` the evaluation that scores it (``retrieval``, ``caption``)."""
+    ``eval_task`` the evaluation that scores it (``retrieval``, ``caption``, ``vqa``, ``classify``)."""
     MODELS[name] = ModelEntry(config_cls, build, eval_task)
 
 
-BUILTIN = ("albef", "blip", "meter", "clip", "evlgen")
+BUILTIN = ("albef", "blip", "meter", "clip", "evlgen", "albef_ve")
 
 
 def _load_builtin() -> None:

@@ -70,6 +70,30 @@ class Captioner(Protocol):
 
 
 @runtime_checkable
+class VqaAnswerer(Protocol):
+    """Answers questions about ``[B, 3, H, W]`` images in a few words (:mod:`pipeline.eval.vqa`):
+    ``answer_questions(images, questions, *, prompt, max_new_tokens, min_length, num_beams,
+    length_penalty) -> B strings``; ``prompt`` is a template with one ``{}`` for the question, and
+    ``vqa_defaults`` holds the five keyword arguments."""
+
+    vqa_defaults: dict
+
+    def answer_questions(self, images: torch.Tensor, questions: list[str], *, prompt: str, max_new_tokens: int,
+                         min_length: int, num_beams: int, length_penalty: float) -> list[str]: ...
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """Classifies (image, text) pairs (:mod:`pipeline.eval.classify`): ``classify(images [B, 3, H, W],
+    texts) -> logits [B, num_classes]``, the true class being each sample's ``KEY.json[label_key]``."""
+
+    num_classes: int
+    label_key: str
+
+    def classify(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class LayerwiseLR(Protocol):
     """Per-module learning rates: ``{parameter name prefix: multiplier of optim.lr}`` (METER's
     5x for its cross-modal layers)."""

@@ -67,6 +67,29 @@ class GenerateConfig:
 
 
 @dataclass
+class VqaGenerateConfig:
+    """``model.vqa``: zero-shot VQA (BLIP-2's / EVLGen's recipe: the question in ``prompt``'s
+    ``{}``, beam search over a few new tokens; a negative ``length_penalty`` favours short
+    answers)."""
+
+    prompt: str = "Question: {} Short answer:"
+    max_new_tokens: int = 10
+    min_length: int = 1
+    num_beams: int = 5
+    length_penalty: float = -1.0
+
+    def __post_init__(self):
+        check_vqa_prompt(self.prompt, "model.vqa.prompt")
+
+
+def check_vqa_prompt(prompt: str, where: str) -> None:
+    """A VQA prompt template holds the question's place once: ``"Question: {} Short answer:"``."""
+    if prompt.count("{}") != 1 or prompt.replace("{}", "").count("{") or prompt.replace("{}", "").count("}"):
+        raise ValueError(f"{where}={prompt!r}: a VQA prompt needs exactly one '{{}}' (where the question goes) "
+                         "and no other braces")
+
+
+@dataclass
 class EvlgenConfig:
     """``model:`` section for ``name: evlgen`` (defaults: the paper's EVA-CLIP ViT-g/14 at 224 px,
     BERT-base TomeFormer with r = 19, a local OPT)."""
@@ -82,6 +105,7 @@ class EvlgenConfig:
     prompt: str = ""  # text prompt after the soft prompts in training, e.g. "a photo of"
     max_txt_len: int = 32  # caption tokens (with the "\n") kept per sample
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    vqa: VqaGenerateConfig = field(default_factory=VqaGenerateConfig)
     frozen_init_seed: int = 0  # initialises frozen parts that have no weights file, identically everywhere
 
 
@@ -130,7 +154,8 @@ def load_llm(cfg: LLMConfig, seed: int = 0):
 
 class EVLGen(nn.Module):
     """``forward(batch) -> dict(loss, loss_lm, tokens_per_layer, kept_patches=None)``;
-    ``generate_captions(images, ...) -> list[str]`` for :mod:`pipeline.eval.caption`."""
+    ``generate_captions(images, ...) -> list[str]`` for :mod:`pipeline.eval.caption`;
+    ``answer_questions(images, questions, ...) -> list[str]`` for :mod:`pipeline.eval.vqa`."""
 
     def __init__(self, cfg: EvlgenConfig):
         super().__init__()
@@ -271,6 +296,49 @@ class EVLGen(nn.Module):
                                 max_new_tokens=max_new_tokens, min_new_tokens=min_length,
                                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, do_sample=False,
                                 synced_gpus=synced)
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [t.split("\n")[0].strip() for t in texts]
+
+    # -- zero-shot VQA -------------------------------------------------------------------------
+    @property
+    def vqa_defaults(self) -> dict:
+        """Keyword arguments of :meth:`answer_questions` from ``model.vqa``."""
+        v = self.cfg.vqa
+        return dict(prompt=v.prompt, max_new_tokens=v.max_new_tokens, min_length=v.min_length,
+                    num_beams=v.num_beams, length_penalty=v.length_penalty)
+
+    @torch.no_grad()
+    def answer_questions(self, images: torch.Tensor, questions: list[str], *, prompt: str, max_new_tokens: int,
+                         min_length: int, num_beams: int, length_penalty: float) -> list[str]:
+        """Zero-shot answers: the LLM continues ``[soft prompts] [BOS] prompt.format(question)``.
+
+        Args:
+            images: ``[B, 3, H, W]``; questions: B strings; prompt: a template with one ``{}``.
+        Returns:
+            B answers (the text up to the first ``"\\n"``, stripped). The prompts differ in length,
+            so rows are padded on the left (masked; positions follow the mask), as a decoder-only
+            LM generates a batch.
+        """
+        check_vqa_prompt(prompt, "prompt")
+        if len(questions) != images.shape[0]:
+            raise ValueError(f"answer_questions: {images.shape[0]} images but {len(questions)} questions")
+        prompts, _ = self.soft_prompts(images)
+        B, P, device = prompts.shape[0], prompts.shape[1], prompts.device
+        heads = [self.prompt_ids(prompt.format(q.strip())) for q in questions]
+        L = P + max(len(h) for h in heads)
+        embed = self.llm.get_input_embeddings()
+        pad = embed(torch.tensor([self.pad_id], device=device)).to(prompts.dtype)
+        rows, mask = [], torch.zeros(B, L, dtype=torch.long, device=device)
+        for b, head in enumerate(heads):
+            text = embed(torch.tensor(head, device=device)).to(prompts.dtype)
+            n = P + len(head)
+            rows.append(torch.cat([pad.expand(L - n, -1), prompts[b], text]))
+            mask[b, L - n:] = 1
+        synced = any(hasattr(p, "ds_tensor") for p in self.llm_proj.parameters())  # ZeRO-3: see generate_captions
+        out = self.llm.generate(inputs_embeds=torch.stack(rows), attention_mask=mask, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, min_new_tokens=min_length,
+                                length_penalty=length_penalty, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                do_sample=False, synced_gpus=synced)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.split("\n")[0].strip() for t in texts]
 

@@ -98,11 +98,14 @@ def _seed_all(seed: int) -> None:
 
 
 def _eval_task(cfg: ExperimentConfig) -> str | None:
-    """The evaluation ``eval.every`` runs: the one the model is registered with."""
+    """The evaluation ``eval.every`` runs: ``eval.task``, else the one the model is registered with."""
     if cfg.eval.every <= 0:
         return None
     if not cfg.eval.shards:
         raise ValueError("eval.shards: eval.every > 0 needs an evaluation shard set")
+    if cfg.eval.task:
+        evaluation(cfg.eval.task)  # an unknown name is an error listing the known ones
+        return cfg.eval.task
     return eval_task(cfg.model.name)
 
 
