@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.layers import checkpointed
-from pipeline.tokens import elip, tome
-from pipeline.tokens.plan import ReductionConfig, ReductionPlan, build_plan
+from pipeline.tokens import elip, flip, tome
+from pipeline.tokens.plan import Progress, ReductionConfig, ReductionPlan, build_plan
 from pipeline.tokens.reducers import IDENTITY
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
@@ -129,6 +129,17 @@ class VisionEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def set_progress(self, step: int, total_steps: int) -> dict[str, float]:
+        """Re-plan for training step ``step`` of ``total_steps`` (EViT's keep-rate warm-up, FLIP's
+        unmasked tuning); returns the scheduled values now in force, for logging."""
+        self.plan = build_plan(self.cfg.reduction, len(self.blocks), self.num_patches, Progress(step, total_steps))
+        values = {}
+        if self.plan.keep_rate is not None:
+            values["keep_rate"] = self.plan.keep_rate
+        if self.plan.method == "flip":
+            values["flip_masking"] = float(self.plan.before[0] is not IDENTITY)
+        return values
+
     @property
     def text_guided(self) -> bool:
         """Whether :meth:`forward` wants ``text_cls`` (ELIP): the backbone encodes text first."""
@@ -182,8 +193,8 @@ class VisionEncoder(nn.Module):
                 q_row = attn.qkv(blk.norm1(guide))[:, : attn.attn_dim]
                 q_row = attn.q_norm(q_row.reshape(B, attn.num_heads, 1, attn.head_dim))
             scores = _cls_attention(q_row, k, attn.scale, bias)
-        x, size, kept = step(x, scores=scores, keys=k, size=size)
-        ids = None if step.merges else _track(ids, kept)
+        x, size, kept, fused = step(x, scores=scores, keys=k, size=size)
+        ids = None if step.merges else _track(ids, kept, fused)
         if step.needs_scores:
             scores = None  # spent on this layer's own reduction
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -217,7 +228,11 @@ class VisionEncoder(nn.Module):
 
     # -- whole encoder -------------------------------------------------------------------------
     def forward(
-        self, images: torch.Tensor, text_cls: torch.Tensor | None = None, track_patches: bool = False
+        self,
+        images: torch.Tensor,
+        text_cls: torch.Tensor | None = None,
+        track_patches: bool = False,
+        patches: torch.Tensor | None = None,
     ) -> VisionOutput:
         """Encode images, reducing tokens as planned.
 
@@ -225,6 +240,8 @@ class VisionEncoder(nn.Module):
             images: ``[B, 3, H, W]`` normalised pixels.
             text_cls: ``[B, D]`` text [CLS] guiding ELIP; None = vision-only selection (lam = 1).
             track_patches: also return which original patches survive (visualisation).
+            patches: ``[B, K]`` patch positions to keep at the input (a teacher seeing the
+                student's kept patches); None = all.
         Returns:
             :class:`VisionOutput`.
         """
@@ -232,15 +249,18 @@ class VisionEncoder(nn.Module):
         x = self.norm_pre(self.patch_drop(self._embed(images)))
         B, M = x.shape[0], x.shape[1] - 1
         ids = torch.arange(M, device=x.device).expand(B, M) if track_patches else None
+        if patches is not None:
+            x = flip.keep_patches(x, patches)
+            ids = _track(ids, patches, fused=False)
         size, scores, lengths = None, None, []
         reuse = plan.elip_mode == "reuse"
         for i in range(plan.num_layers):
             step = plan.before[i]
-            if step.acts(x.shape[1]):
+            if step.acts(x.shape[1]) and (self.training or not step.train_only):
                 if step.needs_scores and plan.elip_mode == "lookahead":
                     scores = self._lookahead_scores(x, i, text_cls)
-                x, size, kept = step(x, scores=scores, size=size)
-                ids = None if step.merges else _track(ids, kept)
+                x, size, kept, fused = step(x, scores=scores, size=size)
+                ids = None if step.merges else _track(ids, kept, fused)
             lengths.append(x.shape[1])
             after = plan.before[i + 1] if i + 1 < plan.num_layers else IDENTITY
             guide = None
@@ -255,8 +275,10 @@ class VisionEncoder(nn.Module):
         return VisionOutput(self.norm(x), lengths, kept_patches)
 
 
-def _track(ids: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor | None:
-    """Original patch ids after a selection: the kept positions, then -1 for the fused token."""
+def _track(ids: torch.Tensor | None, kept: torch.Tensor | None, fused: bool = True) -> torch.Tensor | None:
+    """Original patch ids after a selection: the kept positions, then -1 for the fused token
+    when the step appends one."""
     if ids is None or kept is None:
         return ids
-    return torch.cat([ids.gather(1, kept), ids.new_full((ids.shape[0], 1), -1)], dim=1)
+    ids = ids.gather(1, kept)
+    return torch.cat([ids, ids.new_full((ids.shape[0], 1), -1)], dim=1) if fused else ids
