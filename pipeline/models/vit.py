@@ -51,12 +51,15 @@ class VisionOutput(NamedTuple):
     tokens: ``[B, N_out, D]`` final (layer-normed) tokens, [CLS] first.
     tokens_per_layer: sequence length entering each layer.
     kept_patches: ``[B, M]`` bool, the original patches that survive as themselves to the last
-        layer (ELIP, EViT); ``None`` when no patch is dropped or the method merges (ToMe).
+        layer (ELIP, EViT, FLIP); ``None`` when no patch is dropped or the method merges (ToMe).
+    budgets: ``[B, S]`` long, each image's own budget at each of the S adaptive-budget stages
+        (the batch kept each column's maximum); ``None`` without ``budget_tau``.
     """
 
     tokens: torch.Tensor
     tokens_per_layer: list[int]
     kept_patches: torch.Tensor | None
+    budgets: torch.Tensor | None = None
 
 
 def resolve_weights_file(path: str) -> str:
@@ -193,8 +196,9 @@ class VisionEncoder(nn.Module):
                 q_row = attn.qkv(blk.norm1(guide))[:, : attn.attn_dim]
                 q_row = attn.q_norm(q_row.reshape(B, attn.num_heads, 1, attn.head_dim))
             scores = _cls_attention(q_row, k, attn.scale, bias)
-        x, size, kept, fused = step(x, scores=scores, keys=k, size=size)
-        ids = None if step.merges else _track(ids, kept, fused)
+        r = step(x, scores=scores, keys=k, size=size)
+        x, size = r.x, r.size
+        ids = None if step.merges else _track(ids, r.kept, r.fused)
         if step.needs_scores:
             scores = None  # spent on this layer's own reduction
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -252,15 +256,18 @@ class VisionEncoder(nn.Module):
         if patches is not None:
             x = flip.keep_patches(x, patches)
             ids = _track(ids, patches, fused=False)
-        size, scores, lengths = None, None, []
+        size, scores, lengths, budgets = None, None, [], []
         reuse = plan.elip_mode == "reuse"
         for i in range(plan.num_layers):
             step = plan.before[i]
             if step.acts(x.shape[1]) and (self.training or not step.train_only):
                 if step.needs_scores and plan.elip_mode == "lookahead":
                     scores = self._lookahead_scores(x, i, text_cls)
-                x, size, kept, fused = step(x, scores=scores, size=size)
-                ids = None if step.merges else _track(ids, kept, fused)
+                r = step(x, scores=scores, size=size)
+                x, size = r.x, r.size
+                ids = None if step.merges else _track(ids, r.kept, r.fused)
+                if r.counts is not None:
+                    budgets.append(r.counts)
             lengths.append(x.shape[1])
             after = plan.before[i + 1] if i + 1 < plan.num_layers else IDENTITY
             guide = None
@@ -272,7 +279,7 @@ class VisionEncoder(nn.Module):
             kept_patches = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)
             kept_patches.scatter_(1, ids + 1, True)  # fused tokens (-1) land in column 0
             kept_patches = kept_patches[:, 1:]
-        return VisionOutput(self.norm(x), lengths, kept_patches)
+        return VisionOutput(self.norm(x), lengths, kept_patches, torch.stack(budgets, dim=1) if budgets else None)
 
 
 def _track(ids: torch.Tensor | None, kept: torch.Tensor | None, fused: bool = True) -> torch.Tensor | None:

@@ -4,7 +4,8 @@
 is given, so comparing methods is one loop over that value. Where each method acts:
 
 - ELIP reduces *before* layer ``l`` to ``int(ratio * M)`` of the ``M`` original patches (plus
-  [CLS] and one fused token);
+  [CLS] and one fused token); with ``budget_tau > 0`` to the fewest reaching that attention mass
+  per image, at most ``int(ratio * M)`` (:mod:`pipeline.tokens.budget`);
 - EViT reduces *inside* layer ``l``, after attention, keeping ``ceil(rate * (N-1))``;
 - ToMe merges ``r[l]`` tokens inside every layer, after attention;
 - FLIP drops all but a random ``int(flip_keep * M)`` patches before layer 0, in training only
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.tokens import flip
-from pipeline.tokens.reducers import IDENTITY, ElipSelect, EvitFuse, PatchDrop, Reducer, TomeMerge
+from pipeline.tokens.reducers import IDENTITY, ElipBudget, ElipSelect, EvitFuse, PatchDrop, Reducer, TomeMerge
 from pipeline.tokens.schedule import evit_keep_rate
 from pipeline.tokens.tome import r_schedule
 
@@ -55,6 +56,10 @@ class ReductionConfig:
     keep_rate_schedule: str = "cosine"
     shrink_start: float = 10 / 300
     shrink_length: float = 100 / 300
+    # ELIP's adaptive per-image budget: 0 = the fixed ratios; else keep the fewest patches
+    # reaching this attention mass, at most each layer's ratio, at least budget_min_ratio * M
+    budget_tau: float = 0.0
+    budget_min_ratio: float = 0.1
     # FLIP
     flip_keep: float = 0.5
     flip_eval: bool = False
@@ -163,8 +168,17 @@ def build_plan(cfg: ReductionConfig, num_layers: int, num_patches: int, progress
         for i, ratio in enumerate(ratios):
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"reduction.ratios[{i}]={ratio} must be in (0, 1]")
+        if not 0.0 <= cfg.budget_tau <= 1.0:
+            raise ValueError(f"reduction.budget_tau={cfg.budget_tau} must be in [0, 1] (0: fixed ratios)")
+        if cfg.budget_tau > 0 and not 0.0 <= cfg.budget_min_ratio <= min(ratios):
+            raise ValueError(f"reduction.budget_min_ratio={cfg.budget_min_ratio} must be in [0, {min(ratios)}] "
+                             f"(the smallest of reduction.ratios)")
         for layer, ratio in zip(layers, ratios):
-            before[layer] = ElipSelect(int(ratio * num_patches))
+            keep = int(ratio * num_patches)
+            if cfg.budget_tau > 0:
+                before[layer] = ElipBudget(keep, cfg.budget_tau, int(cfg.budget_min_ratio * num_patches))
+            else:
+                before[layer] = ElipSelect(keep)
     elif cfg.method == "evit":
         if not 0.0 < cfg.keep_rate <= 1.0:
             raise ValueError(f"reduction.keep_rate={cfg.keep_rate} must be in (0, 1]")

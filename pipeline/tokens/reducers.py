@@ -16,17 +16,19 @@ from typing import NamedTuple
 
 import torch
 
-from pipeline.tokens import elip, evit, flip, tome
+from pipeline.tokens import budget, elip, evit, flip, tome
 
 
 class Reduced(NamedTuple):
     """A step's output. ``kept``: ``[B, K]`` positions (among the tokens after [CLS]) that survive
-    as themselves, one fused token appended after them when ``fused``; None when nothing was dropped."""
+    as themselves, one fused token appended after them when ``fused``; None when nothing was dropped.
+    ``counts``: ``[B]`` each image's own budget (adaptive budget), else None."""
 
     x: torch.Tensor
     size: torch.Tensor | None
     kept: torch.Tensor | None
     fused: bool = True
+    counts: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,33 @@ class ElipSelect(Reducer):
     def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
         x, kept = elip.select_and_fuse(x, scores, self.keep, return_index=True)
         return Reduced(x, size, kept)
+
+
+@dataclass(frozen=True)
+class ElipBudget(Reducer):
+    """ELIP with an adaptive per-image budget: each image needs the fewest patches whose
+    text-fused [CLS] attention mass reaches ``tau`` (between ``min_keep`` and ``keep``); the
+    batch keeps its largest such count (see :mod:`pipeline.tokens.budget`), the rest fused."""
+
+    keep: int
+    tau: float
+    min_keep: int
+    needs_scores = True
+    text_guided = True
+
+    def acts(self, n: int) -> bool:
+        return self.min_keep < n - 1
+
+    def tokens_after(self, n: int) -> int:
+        """At most: the bound ``keep`` (the count actually kept follows the batch)."""
+        return min(self.keep, n - 1) + 2 if self.acts(n) else n
+
+    def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
+        counts = budget.mass_counts(scores, self.tau, self.min_keep, min(self.keep, x.shape[1] - 1))
+        x, kept = elip.select_and_fuse(x, scores, int(counts.max()), return_index=True)
+        if kept is None:  # every token kept: nothing fused
+            return Reduced(x, size, None, counts=counts)
+        return Reduced(x, size, kept, counts=counts)
 
 
 @dataclass(frozen=True)

@@ -345,6 +345,11 @@ class Trainer:
                             "loss scale now %s", skipped - self.skipped_seen, skipped, scale)
                 self.skipped_seen = skipped
         values.update({f"reduction/{k}": v for k, v in self.schedule_values.items()})
+        budgets = out.get("budgets") if out else None
+        if budgets is not None:  # adaptive budget: this rank's last batch, per stage
+            per_stage = budgets.float()
+            for s, (mean, std) in enumerate(zip(per_stage.mean(0).tolist(), per_stage.std(0, unbiased=False).tolist())):
+                values[f"tokens/budget_{s}_mean"], values[f"tokens/budget_{s}_std"] = mean, std
         tokens = out.get("tokens_per_layer") if out else None
         if tokens:
             for i, n in enumerate(tokens):
