@@ -103,6 +103,10 @@ class ToyModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def set_progress(self, step: int, total_steps: int) -> dict[str, float]:
+        """A scheduled setting (FollowsProgress): the trainer logs it as reduction/progress."""
+        return {"progress": step / total_steps}
+
     def encode_text(self, texts: list[str], device) -> torch.Tensor:
         ids = [_word_ids(t, self.cfg.vocab) for t in texts]
         flat = torch.tensor([i for x in ids for i in x], device=device)

@@ -11,7 +11,7 @@ import pytest
 def test_albef_step_bench_meets_flops_and_activation_targets():
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.bench", "step", "--backbone", "albef", "--json", "--batch", "2",
-         "--repeats", "1"],
+         "--repeats", "1", "--methods", "none,elip-lookahead,elip-reuse,tome,evit"],  # flip, adaptive: bench tokens
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

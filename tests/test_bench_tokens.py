@@ -20,7 +20,7 @@ def test_tokens_bench_json_rows_and_deterministic_targets():
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     by = {r["method"]: r for r in rows}
-    assert list(by) == ["none", "elip-lookahead", "elip-reuse", "tome", "evit"]
+    assert list(by) == ["none", "elip-lookahead", "elip-reuse", "tome", "evit", "flip", "adaptive"]
     for row in rows:
         assert {"method", "flops", "activation_bytes", "wall_s", "token_layers"} <= set(row)
         assert row["flops"] > 0 and row["activation_bytes"] > 0 and row["wall_s"] > 0
@@ -32,6 +32,14 @@ def test_tokens_bench_json_rows_and_deterministic_targets():
     # the look-ahead pays for its extra no-grad pass: more FLOPs than reuse, fewer than none
     assert by["elip-reuse"]["flops"] < by["elip-lookahead"]["flops"] < by["none"]["flops"]
     assert "target <= 0.75x  ok" in proc.stdout
+    # FLIP at keep 0.5: 98 of 196 patches from the input on
+    assert by["flip"]["token_layers"] == 99 * 12
+    assert by["flip"]["flops_ratio"] <= 0.55
+    # the adaptive budget never keeps more than ELIP's fixed ratios, and costs no more
+    assert by["adaptive"]["token_layers"] <= by["elip-reuse"]["token_layers"]
+    assert by["adaptive"]["flops"] <= by["elip-reuse"]["flops"]
+    assert len(by["adaptive"]["budget_mean"]) == 3
+    assert "flip             flops" in proc.stdout
 
 
 def test_measure_step_counts_activations_not_parameters():

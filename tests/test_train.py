@@ -22,7 +22,7 @@ from tests.helpers_train import ToyConfig, ToyModel, repo_root, subprocess_env, 
 EXPECTED_SCALARS = {
     "train/loss", "train/loss_i2t", "train/loss_t2i", "train/lr", "train/grad_norm", "train/epoch",
     "perf/samples_per_s", "perf/samples_per_s_rank0", "perf/samples_per_s_rank1", "perf/data_time_fraction",
-    "data/skipped_samples", "mem/peak_rss_gb", "tokens/layer_00", "tokens/layer_01",
+    "data/skipped_samples", "mem/peak_rss_gb", "tokens/layer_00", "tokens/layer_01", "reduction/progress",
 }
 
 
@@ -117,6 +117,8 @@ def test_zero2_two_ranks_resume_equals_straight_run(setup):
     assert "tokens/kept_patches" in acc.Tags()["images"]
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
     assert acc.Scalars("tokens/layer_01")[-1].value == 8  # 16 patches, half kept
+    # FollowsProgress: the value set before the step that ends at each log line
+    assert [round(e.value * 12) for e in acc.Scalars("reduction/progress")] == list(range(12))
 
     # the run directory: resolved config, status, newest complete checkpoint reloadable for evaluation
     run = root / "resumed"

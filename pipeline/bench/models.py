@@ -45,10 +45,16 @@ def elip_layout(backbone: str) -> tuple[list[int], list[float]]:
     return list(reduction.layers or ELIP_VIT_B16[0]), list(reduction.ratios or ELIP_VIT_B16[1])
 
 
+FLIP_KEEP = 0.5  # FLIP's main setting (50 % of the patches masked)
+BUDGET_TAU = 0.8  # adaptive budget: attention mass each image keeps, at most ELIP's ratios
+
+
 def token_methods(num_patches: int, num_layers: int = 12, evit_keep_rate: float = 0.7, elip_layout=None):
     """The compared reductions. ToMe's constant r is the one whose token-layers come closest to
     ELIP's plan (ViT-B/16 at 224: r=10, 1704 vs 1684); EViT keeps its paper's 0.7 at layers
-    3/6/9 (1652). ``elip_layout``: ``(layers, ratios)``, default ELIP's ViT-B/16 one."""
+    3/6/9 (1652); FLIP keeps half the patches at the input; ``adaptive`` is ELIP-reuse with the
+    per-image budget (``budget_tau``), bounded by ELIP's ratios. ``elip_layout``: ``(layers,
+    ratios)``, default ELIP's ViT-B/16 one."""
     from pipeline.tokens.plan import ELIP_VIT_B16, EVIT_DEFAULT_LAYERS, ReductionConfig, build_plan
 
     layers, ratios = (list(x) for x in (elip_layout or ELIP_VIT_B16))
@@ -68,6 +74,9 @@ def token_methods(num_patches: int, num_layers: int = 12, evit_keep_rate: float 
         "elip-reuse": elip("reuse"),
         "tome": ReductionConfig(method="tome", r=tome_r),
         "evit": ReductionConfig(method="evit", keep_rate=evit_keep_rate, layers=list(EVIT_DEFAULT_LAYERS)),
+        "flip": ReductionConfig(method="flip", flip_keep=FLIP_KEEP),
+        "adaptive": ReductionConfig(method="elip", elip_mode="reuse", layers=layers, ratios=ratios,
+                                    budget_tau=BUDGET_TAU),
     }
 
 

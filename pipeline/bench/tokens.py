@@ -12,6 +12,7 @@ REPEATS = "timed steps per method (default 5; 3 with --quick)"
 TARGETS = {
     "elip-reuse": {"flops": 0.75, "activation_bytes": 0.75, "wall_s": 0.82},
     "elip-lookahead": {"activation_bytes": 0.78},
+    "flip": {"flops": 0.55},
 }
 
 
@@ -41,8 +42,12 @@ def run(args) -> list[dict]:
             enc.zero_grad(set_to_none=True)
             enc(images, text_cls=text_cls).tokens.float().square().mean().backward()
 
-        lengths = enc.expected_tokens_per_layer()
-        cases.append(Case(method, step, list(enc.parameters()), {"token_layers": sum(lengths)}))
+        with torch.no_grad():  # measured: the adaptive budget's counts follow the batch
+            out = enc(images, text_cls=text_cls)
+        extra = {"token_layers": sum(out.tokens_per_layer)}
+        if out.budgets is not None:
+            extra["budget_mean"] = [round(v, 2) for v in out.budgets.float().mean(0).tolist()]
+        cases.append(Case(method, step, list(enc.parameters()), extra))
     print(f"[bench] tokens: {args.model} at {args.image_size}px, batch {batch}, one training step "
           f"(forward + backward) per method on {dev}; {describe(methods)}", flush=True)
     rows = run_side_by_side(cases, repeats)

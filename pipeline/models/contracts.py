@@ -28,6 +28,15 @@ class GradCheckpointing(Protocol):
 
 
 @runtime_checkable
+class FollowsProgress(Protocol):
+    """Has settings scheduled over training (EViT's keep-rate warm-up, FLIP's unmasked tuning):
+    the trainer calls ``set_progress(step, total_steps)`` before every optimizer step, on every
+    submodule that offers it, and logs the returned ``{name: value}`` as ``reduction/<name>``."""
+
+    def set_progress(self, step: int, total_steps: int) -> dict[str, float]: ...
+
+
+@runtime_checkable
 class PatchModel(Protocol):
     """Sees images as square patches of ``patch_size`` pixels (the kept-patch image grid)."""
 

@@ -2,7 +2,10 @@
 
 A backbone subclasses :class:`MomentumContrast`, builds ``visual_encoder``, ``text_encoder``,
 ``vision_proj`` and ``text_proj``, then calls :meth:`MomentumContrast.init_momentum`. The
-teacher ViT runs unpruned, as in the official ELIP code; the queues hold every rank's features.
+teacher ViT runs unpruned, as in the official ELIP code (``teacher_reduction: none``), or on the
+patches the student's ViT kept to its last layer, from its input on (``same``: ELIP, EViT, FLIP;
+no fused token; the batch's smallest count, see :func:`pipeline.tokens.flip.kept_index`); the
+queues hold every rank's features.
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ from pipeline.models.losses import concat_all_gather, itc_loss
 from pipeline.models.pairing import encode_pair
 from pipeline.models.text import TextConfig, TextOutput, tokenize
 from pipeline.models.vit import VisionEncoder, VisionOutput, VitConfig
+from pipeline.tokens import flip
 from pipeline.tokens.plan import ReductionConfig
+
+TEACHER_REDUCTIONS = ("none", "same")
 
 
 @dataclass
@@ -36,6 +42,7 @@ class MomentumConfig:
     momentum: float = 0.995
     alpha: float = 0.4
     distill: bool = True
+    teacher_reduction: str = "none"
 
 
 class ItcStep(NamedTuple):
@@ -68,6 +75,13 @@ class MomentumContrast(nn.Module):
         """Create the teacher copies (no gradient), the ``[E, Q]`` queues and the temperature."""
         # shape [1], not ALBEF's 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
         self.temp = nn.Parameter(torch.tensor([cfg.temp]))
+        if cfg.teacher_reduction not in TEACHER_REDUCTIONS:
+            raise ValueError(f"model.teacher_reduction={cfg.teacher_reduction!r}; expected one of {TEACHER_REDUCTIONS}")
+        if cfg.teacher_reduction == "same" and cfg.vision.reduction.method in ("none", "tome"):
+            raise ValueError(
+                f"model.teacher_reduction=same needs a method that keeps patches (elip, evit, flip), "
+                f"not model.vision.reduction.method={cfg.vision.reduction.method}"
+            )
         self.visual_encoder_m = VisionEncoder(replace(cfg.vision, reduction=ReductionConfig(), checkpoint=None))
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
         self.text_encoder_m = copy.deepcopy(self.text_encoder)
@@ -116,7 +130,10 @@ class MomentumContrast(nn.Module):
 
         with torch.no_grad():
             self._momentum_update()
-            image_embeds_m = self.visual_encoder_m(images).tokens
+            patches = None
+            if self.cfg.teacher_reduction == "same" and vision.kept_patches is not None:
+                patches = flip.kept_index(vision.kept_patches)
+            image_embeds_m = self.visual_encoder_m(images, patches=patches).tokens
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
             text_m = self.text_encoder_m.encode(ids, mask, index=text.index)  # the same tokens
             text_feat_m = F.normalize(self.text_proj_m(text_m.hidden[:, 0]), dim=-1)
@@ -131,7 +148,7 @@ class MomentumContrast(nn.Module):
         out = {"loss": sum(parts.values())}
         out.update({f"loss_{name}": value.detach() for name, value in parts.items()})
         out.update(tokens_per_layer=step.vision.tokens_per_layer, kept_patches=step.vision.kept_patches,
-                   text_tokens_per_layer=step.text.tokens_per_layer)
+                   text_tokens_per_layer=step.text.tokens_per_layer, budgets=step.vision.budgets)
         return out
 
     @torch.no_grad()

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.layers import checkpointed
-from pipeline.tokens import elip, tome
-from pipeline.tokens.plan import ReductionConfig, ReductionPlan, build_plan
+from pipeline.tokens import elip, flip, tome
+from pipeline.tokens.plan import Progress, ReductionConfig, ReductionPlan, build_plan
 from pipeline.tokens.reducers import IDENTITY
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
@@ -51,12 +51,15 @@ class VisionOutput(NamedTuple):
     tokens: ``[B, N_out, D]`` final (layer-normed) tokens, [CLS] first.
     tokens_per_layer: sequence length entering each layer.
     kept_patches: ``[B, M]`` bool, the original patches that survive as themselves to the last
-        layer (ELIP, EViT); ``None`` when no patch is dropped or the method merges (ToMe).
+        layer (ELIP, EViT, FLIP); ``None`` when no patch is dropped or the method merges (ToMe).
+    budgets: ``[B, S]`` long, each image's own budget at each of the S adaptive-budget stages
+        (the batch kept each column's maximum); ``None`` without ``budget_tau``.
     """
 
     tokens: torch.Tensor
     tokens_per_layer: list[int]
     kept_patches: torch.Tensor | None
+    budgets: torch.Tensor | None = None
 
 
 def resolve_weights_file(path: str) -> str:
@@ -129,6 +132,17 @@ class VisionEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def set_progress(self, step: int, total_steps: int) -> dict[str, float]:
+        """Re-plan for training step ``step`` of ``total_steps`` (EViT's keep-rate warm-up, FLIP's
+        unmasked tuning); returns the scheduled values now in force, for logging."""
+        self.plan = build_plan(self.cfg.reduction, len(self.blocks), self.num_patches, Progress(step, total_steps))
+        values = {}
+        if self.plan.keep_rate is not None:
+            values["keep_rate"] = self.plan.keep_rate
+        if self.plan.method == "flip":
+            values["flip_masking"] = float(self.plan.before[0] is not IDENTITY)
+        return values
+
     @property
     def text_guided(self) -> bool:
         """Whether :meth:`forward` wants ``text_cls`` (ELIP): the backbone encodes text first."""
@@ -182,8 +196,9 @@ class VisionEncoder(nn.Module):
                 q_row = attn.qkv(blk.norm1(guide))[:, : attn.attn_dim]
                 q_row = attn.q_norm(q_row.reshape(B, attn.num_heads, 1, attn.head_dim))
             scores = _cls_attention(q_row, k, attn.scale, bias)
-        x, size, kept = step(x, scores=scores, keys=k, size=size)
-        ids = None if step.merges else _track(ids, kept)
+        r = step(x, scores=scores, keys=k, size=size)
+        x, size = r.x, r.size
+        ids = None if step.merges else _track(ids, r.kept, r.fused)
         if step.needs_scores:
             scores = None  # spent on this layer's own reduction
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -217,7 +232,11 @@ class VisionEncoder(nn.Module):
 
     # -- whole encoder -------------------------------------------------------------------------
     def forward(
-        self, images: torch.Tensor, text_cls: torch.Tensor | None = None, track_patches: bool = False
+        self,
+        images: torch.Tensor,
+        text_cls: torch.Tensor | None = None,
+        track_patches: bool = False,
+        patches: torch.Tensor | None = None,
     ) -> VisionOutput:
         """Encode images, reducing tokens as planned.
 
@@ -225,6 +244,8 @@ class VisionEncoder(nn.Module):
             images: ``[B, 3, H, W]`` normalised pixels.
             text_cls: ``[B, D]`` text [CLS] guiding ELIP; None = vision-only selection (lam = 1).
             track_patches: also return which original patches survive (visualisation).
+            patches: ``[B, K]`` patch positions to keep at the input (a teacher seeing the
+                student's kept patches); None = all.
         Returns:
             :class:`VisionOutput`.
         """
@@ -232,15 +253,21 @@ class VisionEncoder(nn.Module):
         x = self.norm_pre(self.patch_drop(self._embed(images)))
         B, M = x.shape[0], x.shape[1] - 1
         ids = torch.arange(M, device=x.device).expand(B, M) if track_patches else None
-        size, scores, lengths = None, None, []
+        if patches is not None:
+            x = flip.keep_patches(x, patches)
+            ids = _track(ids, patches, fused=False)
+        size, scores, lengths, budgets = None, None, [], []
         reuse = plan.elip_mode == "reuse"
         for i in range(plan.num_layers):
             step = plan.before[i]
-            if step.acts(x.shape[1]):
+            if step.acts(x.shape[1]) and (self.training or not step.train_only):
                 if step.needs_scores and plan.elip_mode == "lookahead":
                     scores = self._lookahead_scores(x, i, text_cls)
-                x, size, kept = step(x, scores=scores, size=size)
-                ids = None if step.merges else _track(ids, kept)
+                r = step(x, scores=scores, size=size)
+                x, size = r.x, r.size
+                ids = None if step.merges else _track(ids, r.kept, r.fused)
+                if r.counts is not None:
+                    budgets.append(r.counts)
             lengths.append(x.shape[1])
             after = plan.before[i + 1] if i + 1 < plan.num_layers else IDENTITY
             guide = None
@@ -252,11 +279,13 @@ class VisionEncoder(nn.Module):
             kept_patches = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)
             kept_patches.scatter_(1, ids + 1, True)  # fused tokens (-1) land in column 0
             kept_patches = kept_patches[:, 1:]
-        return VisionOutput(self.norm(x), lengths, kept_patches)
+        return VisionOutput(self.norm(x), lengths, kept_patches, torch.stack(budgets, dim=1) if budgets else None)
 
 
-def _track(ids: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor | None:
-    """Original patch ids after a selection: the kept positions, then -1 for the fused token."""
+def _track(ids: torch.Tensor | None, kept: torch.Tensor | None, fused: bool = True) -> torch.Tensor | None:
+    """Original patch ids after a selection: the kept positions, then -1 for the fused token
+    when the step appends one."""
     if ids is None or kept is None:
         return ids
-    return torch.cat([ids.gather(1, kept), ids.new_full((ids.shape[0], 1), -1)], dim=1)
+    ids = ids.gather(1, kept)
+    return torch.cat([ids, ids.new_full((ids.shape[0], 1), -1)], dim=1) if fused else ids

@@ -16,16 +16,19 @@ from typing import NamedTuple
 
 import torch
 
-from pipeline.tokens import elip, evit, tome
+from pipeline.tokens import budget, elip, evit, flip, tome
 
 
 class Reduced(NamedTuple):
     """A step's output. ``kept``: ``[B, K]`` positions (among the tokens after [CLS]) that survive
-    as themselves, one fused token appended after them; None when nothing was dropped."""
+    as themselves, one fused token appended after them when ``fused``; None when nothing was dropped.
+    ``counts``: ``[B]`` each image's own budget (adaptive budget), else None."""
 
     x: torch.Tensor
     size: torch.Tensor | None
     kept: torch.Tensor | None
+    fused: bool = True
+    counts: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Reducer:
     needs_scores = False  # wants the [CLS]-query attention of its input tokens
     text_guided = False  # that query is the text-fused [CLS] (ELIP), not the layer's own
     merges = False  # output tokens stand for several inputs: no single source patch
+    train_only = False  # acts in training mode only (the encoder skips it in eval)
 
     def acts(self, n: int) -> bool:
         """Whether the step changes a sequence of ``n`` tokens ([CLS] included)."""
@@ -69,6 +73,33 @@ class ElipSelect(Reducer):
     def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
         x, kept = elip.select_and_fuse(x, scores, self.keep, return_index=True)
         return Reduced(x, size, kept)
+
+
+@dataclass(frozen=True)
+class ElipBudget(Reducer):
+    """ELIP with an adaptive per-image budget: each image needs the fewest patches whose
+    text-fused [CLS] attention mass reaches ``tau`` (between ``min_keep`` and ``keep``); the
+    batch keeps its largest such count (see :mod:`pipeline.tokens.budget`), the rest fused."""
+
+    keep: int
+    tau: float
+    min_keep: int
+    needs_scores = True
+    text_guided = True
+
+    def acts(self, n: int) -> bool:
+        return self.min_keep < n - 1
+
+    def tokens_after(self, n: int) -> int:
+        """At most: the bound ``keep`` (the count actually kept follows the batch)."""
+        return min(self.keep, n - 1) + 2 if self.acts(n) else n
+
+    def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
+        counts = budget.mass_counts(scores, self.tau, self.min_keep, min(self.keep, x.shape[1] - 1))
+        x, kept = elip.select_and_fuse(x, scores, int(counts.max()), return_index=True)
+        if kept is None:  # every token kept: nothing fused
+            return Reduced(x, size, None, counts=counts)
+        return Reduced(x, size, kept, counts=counts)
 
 
 @dataclass(frozen=True)
@@ -108,3 +139,23 @@ class TomeMerge(Reducer):
         merge, _ = tome.bipartite_soft_matching(keys.mean(dim=1), self.r, class_token=True)
         x, size = tome.merge_wavg(merge, x, size)
         return Reduced(x, size, None)
+
+
+@dataclass(frozen=True)
+class PatchDrop(Reducer):
+    """FLIP at the ViT input: keep ``keep`` patches drawn uniformly at random per sample (torch's
+    global RNG), [CLS] kept, the rest dropped without a fused token; in training only unless
+    ``train_only`` is False."""
+
+    keep: int
+    train_only: bool = True
+
+    def acts(self, n: int) -> bool:
+        return self.keep < n - 1
+
+    def tokens_after(self, n: int) -> int:
+        return self.keep + 1 if self.acts(n) else n
+
+    def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
+        kept = flip.random_keep(x.shape[0], x.shape[1] - 1, self.keep, device=x.device)
+        return Reduced(flip.keep_patches(x, kept), size, kept, fused=False)

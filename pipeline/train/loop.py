@@ -20,7 +20,7 @@ from pipeline.data import TrainLoader
 from pipeline.eval.tasks import check_contract, evaluation
 from pipeline.files import atomic_write_text
 from pipeline.models import build_model, eval_task
-from pipeline.models.contracts import GradCheckpointing, HasTeacher, PatchModel
+from pipeline.models.contracts import FollowsProgress, GradCheckpointing, HasTeacher, PatchModel
 from pipeline.models.layers import DTYPES
 from pipeline.models.weights import CheckpointError, complete_tags, init_from
 
@@ -139,6 +139,9 @@ class Trainer:
                 raise ValueError(f"train.grad_checkpointing: model {cfg.model.name!r} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         self.patch_size = model.patch_size if isinstance(model, PatchModel) else None
+        # scheduled reduction settings (EViT keep rate, FLIP masking) follow the step
+        self.scheduled = [m for m in model.modules() if isinstance(m, FollowsProgress)]
+        self.schedule_values: dict[str, float] = {}
         self.exclude_frozen = t.exclude_frozen_parameters
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
@@ -281,6 +284,7 @@ class Trainer:
                 epoch_end = min(self.total_steps, (epoch + 1) * self.steps_per_epoch)
                 while self.step < epoch_end:
                     self._step_lr = engine.get_lr()[0]  # the rate this step uses
+                    self._set_progress()
                     for micro in range(self.accum):
                         t0 = time.perf_counter()
                         try:
@@ -334,6 +338,12 @@ class Trainer:
                      self.samples_seen, self.ckpt_dir)
         return state
 
+    def _set_progress(self) -> None:
+        values: dict[str, float] = {}
+        for module in self.scheduled:
+            values.update(module.set_progress(self.step, self.total_steps))
+        self.schedule_values = values
+
     def _agreed_signal(self, stop: StopFlag) -> int:
         """A signal on any rank stops every rank at the same step."""
         flag = torch.tensor([stop.signum], dtype=torch.int64)
@@ -386,6 +396,12 @@ class Trainer:
                 log.warning("fp16: %d optimizer step(s) skipped on overflow since the last log line (%d in all); "
                             "loss scale now %s", skipped - self.skipped_seen, skipped, scale)
                 self.skipped_seen = skipped
+        values.update({f"reduction/{k}": v for k, v in self.schedule_values.items()})
+        budgets = out.get("budgets") if out else None
+        if budgets is not None:  # adaptive budget: this rank's last batch, per stage
+            per_stage = budgets.float()
+            for s, (mean, std) in enumerate(zip(per_stage.mean(0).tolist(), per_stage.std(0, unbiased=False).tolist())):
+                values[f"tokens/budget_{s}_mean"], values[f"tokens/budget_{s}_std"] = mean, std
         tokens = out.get("tokens_per_layer") if out else None
         if tokens:
             for i, n in enumerate(tokens):
