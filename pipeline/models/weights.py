@@ -8,8 +8,10 @@ warm starts use this module alone. A checkpoint is complete once its tag directo
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from pipeline.models.layers import grow_rows
 log = logging.getLogger(__name__)
 
 MARKER = "meta.json"
+SHOWN_KEYS = 8  # keys named in a mismatch error
 LATEST = "latest"
 
 
@@ -114,3 +117,30 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
     model.load_state_dict(copied, strict=False)
     kept = [k for k in own if k not in copied]
     return tag_dir, sorted(copied), kept
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file whose keys do not account for the model's (or the other way round)."""
+
+
+def check_key_account(source: str, missing: Iterable[str], unused: Iterable[str], *,
+                      may_miss: Iterable[str] = (), may_leave: Iterable[str] = (), hint: str = "") -> None:
+    """Refuse a load unless every difference between a model and a weights file is expected.
+
+    ``missing``: the model's keys that got no value from ``source``; ``unused``: the file's keys
+    that went nowhere. ``may_miss`` / ``may_leave`` are :mod:`fnmatch` patterns of the keys that
+    are expected to differ (a classifier head, a dropped last layer, fresh fusion layers, a
+    pooler). Anything else raises :class:`WeightsMismatchError` naming ``source`` and the first
+    keys of each kind: a renamed key or a foreign format must never train from random weights.
+    """
+    may_miss, may_leave = list(may_miss), list(may_leave)
+    bad_missing = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in may_miss)]
+    bad_unused = [k for k in unused if not any(fnmatch.fnmatchcase(k, p) for p in may_leave)]
+    if not bad_missing and not bad_unused:
+        return
+    parts = []
+    if bad_missing:
+        parts.append(f"{len(bad_missing)} model weights get no value: {bad_missing[:SHOWN_KEYS]}")
+    if bad_unused:
+        parts.append(f"{len(bad_unused)} weights in the file are not used: {bad_unused[:SHOWN_KEYS]}")
+    raise WeightsMismatchError(f"{source}: does not fit the model: " + "; ".join(parts) + (f" ({hint})" if hint else ""))
