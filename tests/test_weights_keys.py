@@ -135,3 +135,36 @@ def test_key_account_allows_only_the_declared_differences():
     check_key_account("f", ["head.weight"], ["blocks.3.x"], may_miss=["head.*"], may_leave=["blocks.3.*"])
     with pytest.raises(WeightsMismatchError, match=r"^f: .*get no value: \['norm.weight'\]"):
         check_key_account("f", ["head.weight", "norm.weight"], [], may_miss=["head.*"])
+
+
+def test_evlgen_connectors_refuse_a_bert_directory_with_a_renamed_key(tmp_path):
+    from pipeline.models.connectors import QFormerConfig, QFormerConnector, TomeFormer, TomeFormerConfig
+
+    _bert_dir(tmp_path, BertModel)
+    file = tmp_path / "model.safetensors"
+    state = load_file(str(file))
+    state["encoder.layer.1.output.dense.w"] = state.pop("encoder.layer.1.output.dense.weight")
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(WeightsMismatchError, match=rf"model.tomeformer.pretrained={tmp_path}: .*"
+                                                   r"encoder\.layer\.1\.output\.dense\.weight"):
+        TomeFormer(TomeFormerConfig(pretrained=str(tmp_path)), vision_width=48)
+    with pytest.raises(WeightsMismatchError, match=rf"model.qformer.pretrained={tmp_path}: "):
+        QFormerConnector(QFormerConfig(pretrained=str(tmp_path), num_queries=4), vision_width=48)
+
+
+def test_an_llm_directory_with_a_renamed_key_is_refused(tmp_path):
+    import shutil
+
+    from tests.helpers_evlgen import tiny_llm
+    from pipeline.models.evlgen import LLMConfig, load_llm
+
+    llm_dir = tmp_path / "opt"
+    shutil.copytree(tiny_llm(tmp_path / "llms", "opt"), llm_dir)
+    llm, _ = load_llm(LLMConfig(pretrained=str(llm_dir)))  # as built: loads
+    file = llm_dir / "model.safetensors"
+    state = load_file(str(file))
+    key = next(k for k in state if k.endswith("layers.1.fc1.weight"))
+    state[key.replace("fc1", "fc_1")] = state.pop(key)
+    save_file(state, str(file), metadata={"format": "pt"})
+    with pytest.raises(WeightsMismatchError, match=rf"model.llm.pretrained={llm_dir}: .*layers\.1\.fc1\.weight"):
+        load_llm(LLMConfig(pretrained=str(llm_dir)))
