@@ -86,6 +86,10 @@ def _tokenizer(cfg: TextConfig):
 class METER(nn.Module):
     """``forward(batch) -> dict(loss, loss_itm, loss_mlm, tokens_per_layer, kept_patches)``."""
 
+    # train.init_from from a CLIP dual encoder (METER starts from CLIP's ViT and a pre-trained
+    # text encoder): its ``visual_encoder`` has METER's name already, its text encoder does not
+    init_from_renames = {"text_encoder.": "text_transformer."}
+
     def __init__(self, cfg: MeterConfig):
         super().__init__()
         self.cfg = cfg

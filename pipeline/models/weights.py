@@ -99,10 +99,12 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
     """Initialise ``model`` from another run's newest complete checkpoint (or a tag dir): every
     parameter or buffer whose name and shape match is copied (an embedding table with more rows
     gets the checkpoint's rows first), the rest keep their initialisation
-    (a warm start: CLIP encoders into ALBEF). Returns ``(tag_dir, copied, kept)``; copying nothing
+    (a warm start: CLIP encoders into ALBEF). A model whose modules are named differently
+    declares ``init_from_renames``, ``{source prefix: own prefix}`` (METER's ``text_transformer``
+    is CLIP's ``text_encoder``). Returns ``(tag_dir, copied, kept)``; copying nothing
     is an error, since it means the two models share no names."""
     tag_dir = find_checkpoint(path)
-    source = consolidated_state_dict(tag_dir)
+    source = _renamed(consolidated_state_dict(tag_dir), getattr(model, "init_from_renames", {}))
     own = model.state_dict()
     copied = {}
     for k, v in source.items():
@@ -117,6 +119,18 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
     model.load_state_dict(copied, strict=False)
     kept = [k for k in own if k not in copied]
     return tag_dir, sorted(copied), kept
+
+
+def _renamed(state: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``state`` with each key's first matching prefix in ``renames`` replaced."""
+    out = {}
+    for key, value in state.items():
+        for old, new in renames.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
 
 
 class WeightsMismatchError(ValueError):
