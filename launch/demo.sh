@@ -2,8 +2,8 @@
 # The demo: bash launch/demo.sh [RUN_DIR] [CONFIG] [key=value ...]
 #
 # On a fresh machine: builds synthetic train and eval shards (once, under $DEMO_DATA, default
-# runs/data), trains the unimodal warm start (tiny CLIP, the stand-in for ALBEF's pre-trained
-# DeiT and BERT), pre-trains the tiny ALBEF with ELIP from it on 2 DeepSpeed ranks (ZeRO-2),
+# runs/data), trains the unimodal warm start (tiny CLIP with the backbone's ViT, the stand-in
+# for ALBEF's pre-trained DeiT and BERT, METER's CLIP ViT and RoBERTa), pre-trains the tiny ALBEF with ELIP from it on 2 DeepSpeed ranks (ZeRO-2),
 # evaluates zero-shot retrieval and prints the table next to the chance level. A few minutes.
 # DEMO_WARM_START=<config> picks another warm start, DEMO_WARM_START= (empty) skips it.
 # A captioning config (bash launch/demo.sh runs/demo_evlgen tiny_evlgen_opt) is evaluated by
