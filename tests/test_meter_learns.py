@@ -16,8 +16,8 @@ from tests.helpers_train import repo_root, subprocess_env
 from tests.test_albef_learns import _itc_curve, _train
 from tests.test_train import metrics
 
-METER_VIT = ["model.vision.model_name=vit_base_patch16_224",  # tiny_meter_elip's, as demo.sh passes it
-             "model.vision.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2, patch_size: 8}"]
+METER_VIT = ["model.vision.model_name=vit_base_patch32_clip_224",
+             "model.vision.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2, patch_size: 16}"]
 
 
 @pytest.mark.slow
@@ -64,6 +64,6 @@ def test_init_from_a_clip_fills_meters_vit_and_text_encoder(tmp_path, monkeypatc
     assert not [k for k in kept if k.startswith(("visual_encoder.", "text_transformer."))], kept
     assert all(k.startswith(("cross_modal_", "token_type_embeddings.", "mlm_score.", "itm_score.")) for k in kept), kept
     state = meter.state_dict()
-    assert torch.equal(state["visual_encoder.pos_embed"], clip_state["visual_encoder.pos_embed"])
+    assert torch.equal(state["visual_encoder.norm_pre.weight"], clip_state["visual_encoder.norm_pre.weight"])
     assert torch.equal(state["text_transformer.encoder.layer.3.output.dense.weight"],
                        clip_state["text_encoder.encoder.layer.3.output.dense.weight"])
