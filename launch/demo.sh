@@ -2,8 +2,8 @@
 # The demo: bash launch/demo.sh [RUN_DIR] [CONFIG] [key=value ...]
 #
 # On a fresh machine: builds synthetic train and eval shards (once, under $DEMO_DATA, default
-# runs/data), trains the unimodal warm start (tiny CLIP, the stand-in for ALBEF's pre-trained
-# DeiT and BERT), pre-trains the tiny ALBEF with ELIP from it on 2 DeepSpeed ranks (ZeRO-2),
+# runs/data), trains the unimodal warm start (tiny CLIP with the backbone's ViT, the stand-in
+# for ALBEF's pre-trained DeiT and BERT, METER's CLIP ViT and RoBERTa), pre-trains the tiny ALBEF with ELIP from it on 2 DeepSpeed ranks (ZeRO-2),
 # evaluates zero-shot retrieval and prints the table next to the chance level. A few minutes.
 # DEMO_WARM_START=<config> picks another warm start, DEMO_WARM_START= (empty) skips it.
 # A captioning config (bash launch/demo.sh runs/demo_evlgen tiny_evlgen_opt) is evaluated by
@@ -56,19 +56,23 @@ train() {  # train CONFIG RUN_DIR [key=value ...]
 START=$(date +%s)
 
 # -- warm start: fusion backbones with ITC start from pre-trained unimodal encoders -------------
-# the model's name and, for BERT-based backbones, its number of text-only layers: the warm start
-# trains as many, so that every one of them starts pre-trained
-read -r MODEL TEXT_LAYERS < <("$PY" -c 'import sys; from pipeline.config import load_config
-m = load_config(sys.argv[1]).model; print(m.name, getattr(getattr(m, "text", None), "text_layers", "-"))' "$CONFIG")
+# the model's name, for BERT-based backbones its number of text-only layers and its ViT: the
+# warm start trains as many text layers and the same ViT, so that every encoder weight starts
+# pre-trained (METER's CLIP-style ViT differs from ALBEF's)
+read -r MODEL TEXT_LAYERS VIT_NAME VIT_KWARGS < <("$PY" -c 'import json, sys; from pipeline.config import load_config
+m = load_config(sys.argv[1]).model; v = getattr(m, "vision", None)
+print(m.name, getattr(getattr(m, "text", None), "text_layers", "-"), getattr(v, "model_name", "-"),
+      json.dumps(getattr(v, "timm_kwargs", None), separators=(",", ":")))' "$CONFIG")
 WARM_START=${DEMO_WARM_START-auto}
 if [[ "$WARM_START" == auto ]]; then
-  case "$MODEL" in albef|blip) WARM_START=tiny_clip ;; *) WARM_START= ;; esac
+  case "$MODEL" in albef|blip|meter) WARM_START=tiny_clip ;; *) WARM_START= ;; esac
 fi
 INIT=()
 if [[ -n "$WARM_START" ]]; then
   echo "== warm start: $WARM_START (in-batch contrastive) into $RUN_DIR/warm_start"
   WARM_ARGS=()
   [[ "$TEXT_LAYERS" == - ]] || WARM_ARGS=(model.text.text_layers="$TEXT_LAYERS")
+  [[ "$VIT_NAME" == - ]] || WARM_ARGS+=(model.vision.model_name="$VIT_NAME" model.vision.timm_kwargs="$VIT_KWARGS")
   train "$WARM_START" "$RUN_DIR/warm_start" "${WARM_ARGS[@]}"
   INIT=(train.init_from="$RUN_DIR/warm_start")
 fi

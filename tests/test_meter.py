@@ -142,7 +142,8 @@ def test_config_errors_name_the_keys():
 
 
 def test_clip_vit_weights_load_without_their_last_layer(tmp_path):
-    """meter_elip.yaml keeps 11 of CLIP's 12 layers (timm_kwargs depth 11, pretrained_strict false)."""
+    """meter_elip.yaml keeps 11 of CLIP's 12 layers (timm_kwargs depth 11: the key account expects the
+    dropped layer unused)."""
     import timm
     from safetensors.torch import save_file
 
@@ -153,7 +154,7 @@ def test_clip_vit_weights_load_without_their_last_layer(tmp_path):
     clip = timm.create_model("vit_base_patch32_clip_224", depth=5, img_size=64, num_classes=0, **dims)
     save_file(clip.state_dict(), str(tmp_path / "model.safetensors"))
     vit = VisionEncoder(VitConfig(model_name="vit_base_patch32_clip_224", image_size=64, checkpoint=str(tmp_path),
-                                  timm_kwargs=dict(depth=4, pretrained_strict=False, **dims)))
+                                  timm_kwargs=dict(depth=4, **dims)))
     assert len(vit.blocks) == 4
     assert torch.equal(vit.blocks[3].mlp.fc1.weight, clip.blocks[3].mlp.fc1.weight)
     assert torch.equal(vit.norm.weight, clip.norm.weight)  # CLIP's ln_post, applied after the kept layers

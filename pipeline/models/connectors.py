@@ -17,7 +17,6 @@ width, 768 for BERT-base); the model projects those to the LLM width.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,9 +27,9 @@ from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
 
 from pipeline.models.layers import bert_config, bert_init, checkpointed
+from pipeline.models.weights import check_key_account
 from pipeline.tokens import tome
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,10 +59,14 @@ class QFormerConfig:
     bert: dict = field(default_factory=dict)
 
 
-def _bert_state(path: str) -> dict[str, torch.Tensor]:
-    """A local BERT's weights with BertModel's names (``embeddings.*``, ``encoder.layer.N.*``)."""
-    state = BertModel.from_pretrained(path).state_dict()
-    return {k.removeprefix("bert."): v for k, v in state.items()}
+def _bert_state(path: str, key: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A local BERT's weights with BertModel's names (``embeddings.*``, ``encoder.layer.N.*``) and
+    the file's keys BertModel does not use. A BertModel weight the file lacks (a renamed or
+    missing key: transformers would leave it random) is an error naming ``key=path``."""
+    model, info = BertModel.from_pretrained(path, output_loading_info=True)
+    check_key_account(f"{key}={path}", info["missing_keys"], [], may_miss=["pooler.*"])
+    state = {k.removeprefix("bert."): v for k, v in model.state_dict().items()}
+    return state, [k.removeprefix("bert.") for k in info["unexpected_keys"]]
 
 
 class TomeFormer(nn.Module):
@@ -94,15 +97,13 @@ class TomeFormer(nn.Module):
             self._load_pretrained(cfg.pretrained)
 
     def _load_pretrained(self, path: str) -> None:
-        result = self.load_state_dict(_bert_state(path), strict=False)
-        unexpected = [k for k in result.unexpected_keys
-                      if not k.startswith(("pooler.", "embeddings.word_embeddings", "cls."))]
-        if unexpected:
-            raise ValueError(f"model.tomeformer.pretrained={path}: unexpected weights {unexpected[:5]}")
-        missing = [k for k in result.missing_keys if not k.startswith("input_proj.")]
-        if missing:
-            log.warning("model.tomeformer.pretrained=%s: %d weights missing (random): %s", path, len(missing),
-                        missing[:5])
+        """BERT's layers and position embeddings; its vocabulary, pooler and heads go unused
+        (the TomeFormer reads projected vision tokens), ``input_proj`` starts fresh."""
+        state, file_unused = _bert_state(path, "model.tomeformer.pretrained")
+        result = self.load_state_dict(state, strict=False)
+        check_key_account(f"model.tomeformer.pretrained={path}", result.missing_keys,
+                          [*result.unexpected_keys, *file_unused], may_miss=["input_proj.*"],
+                          may_leave=["pooler.*", "embeddings.word_embeddings.*", "cls.*", "*position_ids"])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -197,7 +198,7 @@ class QFormerConnector(nn.Module):
         nn.init.normal_(self.query_tokens, std=config.initializer_range)
         self.qformer = Blip2QFormerModel(config)
         if cfg.pretrained is not None:
-            result = self.qformer.load_state_dict(qformer_state_from_bert(_bert_state(cfg.pretrained)), strict=False)
+            result = self.qformer.load_state_dict(qformer_state_from_bert(_bert_state(cfg.pretrained, "model.qformer.pretrained")[0]), strict=False)
             if result.unexpected_keys:
                 raise ValueError(f"model.qformer.pretrained={cfg.pretrained}: unexpected weights "
                                  f"{result.unexpected_keys[:5]}")

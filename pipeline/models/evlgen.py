@@ -28,6 +28,7 @@ from pipeline.models.connectors import QFormerConfig, QFormerConnector, TomeForm
 from pipeline.models.layers import DTYPES
 from pipeline.models.video import FrozenVision, VideoConfig
 from pipeline.models.vit import VitConfig
+from pipeline.models.weights import check_key_account
 
 LLM_TYPES = ("opt", "llama")  # OPTForCausalLM; LlamaForCausalLM (LLaMA, Vicuna)
 # the GPT-2-style tokenizer of the tiny demo LLM (built by data_prep.tiny_llm), shipped as package data
@@ -127,7 +128,10 @@ def load_llm(cfg: LLMConfig, seed: int = 0):
                     if cfg.build_if_missing else "expected a local OPT / LLaMA / Vicuna directory")
             raise FileNotFoundError(f"model.llm.pretrained: no config.json in {path} ({hint})")
         _check_llm_type(AutoConfig.from_pretrained(path).model_type, f"model.llm.pretrained={path}")
-        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        llm, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        # a frozen LLM must be the published one: no weight left random, none ignored (but RoPE caches)
+        check_key_account(f"model.llm.pretrained={path}", info["missing_keys"], info["unexpected_keys"],
+                          may_leave=["*rotary_emb.inv_freq"])
         tok_path = cfg.tokenizer or str(path)
     else:
         if not cfg.config:

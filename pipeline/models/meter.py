@@ -27,6 +27,7 @@ from pipeline.models.layers import bert_config, bert_init, checkpointed
 from pipeline.models.pairing import check_pairing, encode_pair
 from pipeline.models.text import TextConfig, TextOutput, check_prune, load_tokenizer, padding_bias, run_layers, tokenize
 from pipeline.models.vit import VisionEncoder, VitConfig
+from pipeline.models.weights import check_key_account
 from pipeline.tokens.plan import ELIP_METER_B32, ReductionConfig
 
 ITM_CHUNK = 256  # (image, text) pairs per fusion call when scoring retrieval candidates
@@ -64,8 +65,12 @@ def _text_model(cfg: TextConfig, vocab_size: int) -> nn.Module:
     """A local BERT/RoBERTa (``text.pretrained``) or a random BERT from ``text.bert``, no pooler."""
     config = bert_config(cfg.pretrained, {} if cfg.pretrained else cfg.bert, "text", any_model=True)
     if cfg.pretrained is not None:
-        return AutoModel.from_pretrained(cfg.pretrained, config=config, add_pooling_layer=False,
-                                         attn_implementation="sdpa")
+        model, info = AutoModel.from_pretrained(cfg.pretrained, config=config, add_pooling_layer=False,
+                                                attn_implementation="sdpa", output_loading_info=True)
+        # expected unused: the pooler and the pre-training heads (BERT's cls.*, RoBERTa's lm_head.*)
+        check_key_account(f"text.pretrained={cfg.pretrained}", info["missing_keys"], info["unexpected_keys"],
+                          may_leave=["*pooler.*", "cls.*", "lm_head.*", "*position_ids"])
+        return model
     config.vocab_size = vocab_size
     config._attn_implementation = "sdpa"
     return BertModel(config, add_pooling_layer=False)
@@ -80,6 +85,10 @@ def _tokenizer(cfg: TextConfig):
 
 class METER(nn.Module):
     """``forward(batch) -> dict(loss, loss_itm, loss_mlm, tokens_per_layer, kept_patches)``."""
+
+    # train.init_from from a CLIP dual encoder (METER starts from CLIP's ViT and a pre-trained
+    # text encoder): its ``visual_encoder`` has METER's name already, its text encoder does not
+    init_from_renames = {"text_encoder.": "text_transformer."}
 
     def __init__(self, cfg: MeterConfig):
         super().__init__()

@@ -8,7 +8,6 @@ directory loads straight in; only the cross-attention weights start from random,
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -19,9 +18,9 @@ from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertOnlyMLMHead
 
 from pipeline.models.layers import bert_config, bert_init, checkpointed, grow_rows
+from pipeline.models.weights import check_key_account
 from pipeline.tokens import textprune
 
-log = logging.getLogger(__name__)
 
 TINY_TOKENIZER = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_tokenizer")
 
@@ -218,9 +217,12 @@ class BertTextFusion(nn.Module):
             self._load_pretrained(cfg.pretrained)
 
     def _load_pretrained(self, path: str) -> None:
-        """Copy a local BERT's weights in; cross-attention (and a missing MLM head) stay random.
-        A text-only encoder takes the first ``text_layers`` layers and leaves the rest."""
-        source = BertForMaskedLM.from_pretrained(path)
+        """Copy a local BERT's weights in, with a full key account
+        (:func:`~pipeline.models.weights.check_key_account`). Expected to differ: cross-attention
+        (fusion layers, not in BERT), the MLM head when the directory has none (a ``BertModel``),
+        BERT's pooler and NSP head; a text-only encoder takes the first ``text_layers`` layers and
+        leaves the rest and the MLM head unused. Anything else (a renamed or missing key) is an error."""
+        source, info = BertForMaskedLM.from_pretrained(path, output_loading_info=True)
         own = self.state_dict()
         state = {k.removeprefix("bert."): v for k, v in source.state_dict().items()}
         for key, value in state.items():
@@ -228,15 +230,16 @@ class BertTextFusion(nn.Module):
             grown = grow_rows(value, own[key]) if key in own else None
             if grown is not None:
                 state[key] = grown
-        if self.cls is None:
-            state = {k: v for k, v in state.items() if k in own}
+        not_in_file = {k.removeprefix("bert.") for k in info["missing_keys"]}  # random in ``source``
+        left = [k for k in state if k not in own]
+        state = {k: v for k, v in state.items() if k in own and k not in not_in_file}
         result = self.load_state_dict(state, strict=False)
-        unexpected = [k for k in result.unexpected_keys if not k.startswith("pooler.")]
-        if unexpected:
-            raise ValueError(f"text.pretrained={path}: unexpected weights {unexpected[:5]}")
-        missing = [k for k in result.missing_keys if ".crossattention." not in k]
-        if missing:
-            log.warning("text.pretrained=%s: %d weights not in the checkpoint (random): %s", path, len(missing), missing[:5])
+        may_leave = ["pooler.*", "cls.seq_relationship.*", "*position_ids"]
+        if self.cls is None:
+            may_leave += ["cls.*", *(f"encoder.layer.{i}.*" for i in range(self.text_layers, source.config.num_hidden_layers))]
+        check_key_account(f"text.pretrained={path}", sorted(set(result.missing_keys)),
+                          [k.removeprefix("bert.") for k in info["unexpected_keys"]] + left,
+                          may_miss=["*.crossattention.*", "cls.predictions.*"], may_leave=may_leave)
         if self.cls is not None:
             self.cls.predictions.decoder.weight = self.embeddings.word_embeddings.weight
 

@@ -11,17 +11,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import json
+import re
+import sys
+
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.layers import checkpointed
+from pipeline.models.weights import check_key_account
 from pipeline.tokens import elip, flip, tome
 from pipeline.tokens.plan import Progress, ReductionConfig, ReductionPlan, build_plan
 from pipeline.tokens.reducers import IDENTITY
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
+# open_clip's files first: a hub snapshot may hold them next to a transformers-format model.safetensors
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
+                "pytorch_model.bin", "model.pth")
+# what a ViT may leave unused from a file: classifier heads (the encoder has none)
+VIT_MAY_LEAVE = ("head.*", "head_dist.*", "fc_norm.*")
 
 
 @dataclass
@@ -78,11 +87,46 @@ def resolve_weights_file(path: str) -> str:
 def create_timm_vit(cfg: VitConfig) -> nn.Module:
     """The timm ViT named by ``cfg`` without its classifier, weights from ``cfg.checkpoint``."""
     kwargs = dict(num_classes=0, img_size=cfg.image_size, drop_path_rate=cfg.drop_path_rate, **cfg.timm_kwargs)
-    if cfg.checkpoint is None:
-        return timm.create_model(cfg.model_name, pretrained=False, **kwargs)
-    # timm's own pretrained path: key remapping (DeiT 'model', OpenAI CLIP) and pos-embed resizing.
-    overlay = dict(file=resolve_weights_file(cfg.checkpoint))
-    return timm.create_model(cfg.model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    vit = timm.create_model(cfg.model_name, pretrained=False, **kwargs)
+    if cfg.checkpoint is not None:
+        load_vit_weights(vit, cfg.checkpoint)
+    return vit
+
+
+def load_vit_weights(vit: nn.Module, path: str) -> None:
+    """Load a timm, DeiT, OpenAI CLIP or open_clip weights file into a timm ViT, with a full key
+    account (:func:`~pipeline.models.weights.check_key_account`).
+
+    timm's own ``checkpoint_filter_fn`` of the model's family converts the layout (DeiT's
+    ``model`` wrapper, OpenAI / open_clip CLIP state dicts) and resizes the position embedding.
+    Expected to differ: the classifier heads and the blocks past the model's depth (METER keeps
+    11 of CLIP's 12). A transformers ``ViTModel`` / ``CLIPVisionModel`` snapshot has no timm
+    conversion, so it is refused by the same account, with a hint.
+    """
+    file = resolve_weights_file(path)
+    state = timm.models.load_state_dict(file, weights_only=True)
+    filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, vit)
+    missing, unused = vit.load_state_dict(state, strict=False)
+    depth = len(vit.blocks)
+    dropped = sorted({int(m.group(1)) for k in unused if (m := re.match(r"blocks\.(\d+)\.", k)) and int(m.group(1)) >= depth})
+    check_key_account(f"vision.checkpoint={file}", missing, unused,
+                      may_leave=[*VIT_MAY_LEAVE, *(f"blocks.{i}.*" for i in dropped)],
+                      hint=_format_hint(Path(file)))
+
+
+def _format_hint(file: Path) -> str:
+    """Why a file may not fit: a transformers-format snapshot, which timm cannot convert."""
+    config = file.parent / "config.json"
+    if not config.is_file():
+        return ""
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return ""
+    return (f"{config} says model_type={model_type!r}: a transformers-format snapshot, which timm's "
+            "checkpoint_filter_fn does not convert; use the timm, OpenAI CLIP or open_clip weights of the model")
 
 
 def _cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:

@@ -8,8 +8,10 @@ warm starts use this module alone. A checkpoint is complete once its tag directo
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from pipeline.models.layers import grow_rows
 log = logging.getLogger(__name__)
 
 MARKER = "meta.json"
+SHOWN_KEYS = 8  # keys named in a mismatch error
 LATEST = "latest"
 
 
@@ -216,10 +219,12 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
     """Initialise ``model`` from another run's newest complete checkpoint (or a tag dir): every
     parameter or buffer whose name and shape match is copied (an embedding table with more rows
     gets the checkpoint's rows first), the rest keep their initialisation
-    (a warm start: CLIP encoders into ALBEF). Returns ``(tag_dir, copied, kept)``; copying nothing
+    (a warm start: CLIP encoders into ALBEF). A model whose modules are named differently
+    declares ``init_from_renames``, ``{source prefix: own prefix}`` (METER's ``text_transformer``
+    is CLIP's ``text_encoder``). Returns ``(tag_dir, copied, kept)``; copying nothing
     is an error, since it means the two models share no names."""
     tag_dir = find_checkpoint(path)
-    source = consolidated_state_dict(tag_dir)
+    source = _renamed(consolidated_state_dict(tag_dir), getattr(model, "init_from_renames", {}))
     own = model.state_dict()
     copied = {}
     for k, v in source.items():
@@ -234,3 +239,42 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
     model.load_state_dict(copied, strict=False)
     kept = [k for k in own if k not in copied]
     return tag_dir, sorted(copied), kept
+
+
+def _renamed(state: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``state`` with each key's first matching prefix in ``renames`` replaced."""
+    out = {}
+    for key, value in state.items():
+        for old, new in renames.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file whose keys do not account for the model's (or the other way round)."""
+
+
+def check_key_account(source: str, missing: Iterable[str], unused: Iterable[str], *,
+                      may_miss: Iterable[str] = (), may_leave: Iterable[str] = (), hint: str = "") -> None:
+    """Refuse a load unless every difference between a model and a weights file is expected.
+
+    ``missing``: the model's keys that got no value from ``source``; ``unused``: the file's keys
+    that went nowhere. ``may_miss`` / ``may_leave`` are :mod:`fnmatch` patterns of the keys that
+    are expected to differ (a classifier head, a dropped last layer, fresh fusion layers, a
+    pooler). Anything else raises :class:`WeightsMismatchError` naming ``source`` and the first
+    keys of each kind: a renamed key or a foreign format must never train from random weights.
+    """
+    may_miss, may_leave = list(may_miss), list(may_leave)
+    bad_missing = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in may_miss)]
+    bad_unused = [k for k in unused if not any(fnmatch.fnmatchcase(k, p) for p in may_leave)]
+    if not bad_missing and not bad_unused:
+        return
+    parts = []
+    if bad_missing:
+        parts.append(f"{len(bad_missing)} model weights get no value: {bad_missing[:SHOWN_KEYS]}")
+    if bad_unused:
+        parts.append(f"{len(bad_unused)} weights in the file are not used: {bad_unused[:SHOWN_KEYS]}")
+    raise WeightsMismatchError(f"{source}: does not fit the model: " + "; ".join(parts) + (f" ({hint})" if hint else ""))
