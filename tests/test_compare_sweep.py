@@ -19,7 +19,9 @@ def test_shipped_sweeps_load_and_their_variants_resolve():
         for variant in sweep.variants.values():  # every override is a key the config knows
             load_config(sweep.base, [*sweep.overrides, *variant.overrides])
     tiny = load_sweep("tiny_albef_reductions")
-    assert list(tiny.variants) == ["none", "elip-lookahead", "elip-reuse", "elip-plus", "tome", "evit"]
+    assert list(tiny.variants) == ["none", "elip-lookahead", "elip-reuse", "elip-plus", "tome", "evit", "flip",
+                                   "evit-constant", "adaptive", "teacher-same"]
+    assert all(tiny.variants[v].match == "token_layers" for v in ("flip", "evit-constant", "adaptive"))
     assert tiny.variants["tome"].match == "token_layers" and tiny.variants["tome"].reference == "elip-reuse"
     assert tiny.seeds == [0, 1, 2] and tiny.warm_start.config == "tiny_clip"
 
@@ -67,6 +69,21 @@ def test_match_budget_measures_tome_r_against_the_reference():
     with pytest.raises(ConfigError, match="no searched key for reduction.method='elip'"):
         match_budget("flops", load_config("tiny_albef_elip"), lambda more: load_config("tiny_albef_elip", more),
                      lambda cfg: {"flops": 1}, 0.05)
+
+
+@pytest.mark.parametrize("overrides, key, value", [
+    (["model.vision.reduction.method=flip"], "model.vision.reduction.flip_keep", 0.4),
+    (["model.vision.reduction.budget_tau=0.9"], "model.vision.reduction.budget_tau", 0.4),  # ELIP + budget: adaptive
+])
+def test_match_budget_searches_flip_keep_and_the_adaptive_tau(overrides, key, value):
+    def measure(cfg):  # budget grows with the knob; the reference (plain ELIP) spends what 0.4 does
+        r = cfg.model.vision.reduction
+        knob = {"flip": r.flip_keep}.get(r.method, r.budget_tau if r.budget_tau > 0 else 0.4)
+        return {"token_layers": 4 * (1 + 64 * knob)}
+
+    chosen = match_budget("token_layers", load_config("tiny_albef_elip"),
+                          lambda more: load_config("tiny_albef_elip", overrides + more), measure, tolerance=0.05)
+    assert chosen["key"] == key and chosen["value"] == pytest.approx(value)
 
 
 def test_distractors_are_unmentioned_groups_in_free_quadrants(tmp_path):

@@ -27,19 +27,25 @@ def _keep_rates(cfg: ExperimentConfig) -> list[float]:
     return [round(0.05 + 0.01 * i, 2) for i in range(96)]  # 0.05 .. 1.00
 
 
-# The searched key per reduction method. The methods branch adds here: flip
-# (model.vision.reduction.keep_ratio or its name there) and the adaptive budget's tau.
+# The searched key per reduction method ("adaptive": ELIP with a per-image budget); each knob's
+# budget grows with its value.
 KNOBS: dict[str, Knob] = {
     "tome": Knob("model.vision.reduction.r", _tome_r, int),
     "evit": Knob("model.vision.reduction.keep_rate", _keep_rates, float),
+    "flip": Knob("model.vision.reduction.flip_keep", _keep_rates, float),
+    "adaptive": Knob("model.vision.reduction.budget_tau", _keep_rates, float),
 }
 
 
 def reduction_method(cfg: ExperimentConfig) -> str:
+    """The KNOBS entry of ``cfg``'s reduction: its method, or ``adaptive`` for ELIP with a
+    per-image budget (``budget_tau > 0``)."""
     vision = getattr(cfg.model, "vision", None)
     reduction = getattr(vision, "reduction", None)
     if reduction is None:
         raise ConfigError(f"match: model {cfg.model.name!r} has no model.vision.reduction to match")
+    if reduction.method == "elip" and reduction.budget_tau > 0:
+        return "adaptive"
     return reduction.method
 
 
