@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForPreTraining, BertModel
 
 from pipeline.models.text import BertTextFusion, TextConfig
 from pipeline.models.vit import VisionEncoder, VitConfig
-from pipeline.models.weights import WeightsMismatchError, check_key_account
+from pipeline.models.weights import CheckpointError, WeightsMismatchError, check_key_account
 
 DIMS = dict(embed_dim=64, num_heads=2, patch_size=16, depth=2)
 BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -50,6 +50,16 @@ def test_timm_state_dict_with_a_missing_key_is_refused(tmp_path):
     del state["norm.weight"]
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightsMismatchError, match=r"1 model weights get no value: \['norm.weight'\]"):
+        VisionEncoder(_vit_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("name, content", [
+    ("model.safetensors", b"\xff" * 64),  # a header length no safetensors file has
+    ("model.pth", b"PK\x03\x04 cut short"),  # a torch zip cut at its first bytes
+])
+def test_a_damaged_vision_weights_file_is_one_error_naming_it(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"weights file {tmp_path / name} \(vision.checkpoint\) cannot be read"):
         VisionEncoder(_vit_cfg(tmp_path))
 
 
@@ -168,3 +178,25 @@ def test_an_llm_directory_with_a_renamed_key_is_refused(tmp_path):
     save_file(state, str(file), metadata={"format": "pt"})
     with pytest.raises(WeightsMismatchError, match=rf"model.llm.pretrained={llm_dir}: .*layers\.1\.fc1\.weight"):
         load_llm(LLMConfig(pretrained=str(llm_dir)))
+
+
+def test_train_cli_stops_on_a_damaged_vision_file_with_one_line(tmp_path, capsys):
+    """The trainer's exit for a weights file that cannot be used: one line naming it, exit 1."""
+    import json
+    import subprocess
+    import sys
+
+    from data_prep import synthetic
+    from tests.helpers_train import repo_root, subprocess_env
+
+    synthetic.build(tmp_path / "train", num=8, image_size=64, shard_size=8, min_shards=1)
+    (tmp_path / "vit.safetensors").write_bytes(b"\xff" * 64)
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "tiny_clip", f"train.run_dir={run}",
+                        f"data.train_shards={tmp_path / 'train'}", f"model.vision.checkpoint={tmp_path / 'vit.safetensors'}"],
+                       cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: weights file {tmp_path / 'vit.safetensors'} ")
+    assert "Traceback" not in r.stderr
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == r.stderr.strip().splitlines()[-1][len("error: "):]

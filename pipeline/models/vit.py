@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.layers import checkpointed
-from pipeline.models.weights import check_key_account
+from pipeline.models.weights import CheckpointError, check_key_account
 from pipeline.tokens import elip, flip, tome
 from pipeline.tokens.plan import Progress, ReductionConfig, ReductionPlan, build_plan
 from pipeline.tokens.reducers import IDENTITY
@@ -104,7 +104,11 @@ def load_vit_weights(vit: nn.Module, path: str) -> None:
     conversion, so it is refused by the same account, with a hint.
     """
     file = resolve_weights_file(path)
-    state = timm.models.load_state_dict(file, weights_only=True)
+    try:
+        state = timm.models.load_state_dict(file, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - safetensors' header errors, a cut zip, a pickle with code
+        raise CheckpointError(f"weights file {file} (vision.checkpoint) cannot be read, refused (nothing "
+                              f"was executed): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, vit)

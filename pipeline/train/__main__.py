@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from pipeline.models.weights import CheckpointError
+    from pipeline.models.weights import CheckpointError, WeightsMismatchError
     from pipeline.train.loop import train
     from pipeline.train.ops import announce_op_builds
     from pipeline.train.optim import build_ds_config, offloads_optimizer
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # found once the hardware is known (e.g. train.precision)
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except CheckpointError as err:  # names the file; status.json says 'failed' with the same line
+    except (CheckpointError, WeightsMismatchError) as err:  # names the file; status.json says 'failed' with it
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
