@@ -109,7 +109,7 @@ def test_shipped_configs_type_check():
 
 @pytest.mark.parametrize("overrides, key", [
     (["model.vision.reduction.lam=1.5"], "model.vision.reduction.lam"),
-    (["model.vision.reduction.method=flip"], "model.vision.reduction.method"),
+    (["model.vision.reduction.method=dynamicvit"], "model.vision.reduction.method"),
     (["model.vision.reduction.elip_mode=later"], "model.vision.reduction.elip_mode"),
     (["model.vision.reduction.layers=[1, 9]"], "model.vision.reduction.layers[1]"),  # a 4-layer ViT
     (["model.vision.reduction.ratios=[0.5]"], "model.vision.reduction.ratios"),  # two layers, one ratio
