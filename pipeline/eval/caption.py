@@ -171,11 +171,17 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 32
                                  {k: r["caption"] for k, r in zip(keys, rows)})
         metrics["num_images"] = len(rows)
         metrics["empty_captions"] = sum(1 for r in rows if not r["caption"].strip())
+    return share_from_rank0(metrics, world_size), rows
+
+
+def share_from_rank0(value, world_size: int):
+    """``value`` (a picklable object, e.g. metrics only rank 0 computed) as rank 0 has it, on
+    every rank; unchanged on one rank."""
     if world_size > 1:
-        box = [metrics]
+        box = [value]
         dist.broadcast_object_list(box, src=0)
-        metrics = box[0]
-    return metrics, rows
+        value = box[0]
+    return value
 
 
 def evaluate(model, cfg, *, device, dtype, rank: int, world_size: int) -> dict:

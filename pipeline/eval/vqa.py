@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data.loader import build_eval_loader
-from pipeline.eval.caption import _batches_in_step
+from pipeline.eval.caption import _batches_in_step, share_from_rank0
 from pipeline.eval.vqa_metric import score
 
 ARGS = ("prompt", "max_new_tokens", "min_length", "num_beams", "length_penalty")
@@ -112,11 +112,7 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 32
         dist.all_gather_object(gathered, mine)
         rows = [r for part in gathered for r in part] if rank == 0 else []
     metrics: dict = score_rows(rows) if rank == 0 else {}
-    if world_size > 1:
-        box = [metrics]
-        dist.broadcast_object_list(box, src=0)
-        metrics = box[0]
-    return metrics, rows
+    return share_from_rank0(metrics, world_size), rows
 
 
 def evaluate(model, cfg, *, device, dtype, rank: int, world_size: int) -> dict:
