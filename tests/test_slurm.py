@@ -8,7 +8,6 @@ overridden on the sbatch line (--gpus-per-node=0), a few steps of batch 4.
 """
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 

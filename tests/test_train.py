@@ -1,7 +1,6 @@
 """The trainer: two-rank DeepSpeed runs (ZeRO-2, ZeRO-3), exact resume, signals, TensorBoard,
 checkpoints that are never picked up half-written, launcher environments."""
 import json
-import os
 import signal
 import socket
 import subprocess
