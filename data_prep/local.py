@@ -8,6 +8,24 @@ from .images import prepare_image
 from .reasons import MISSING_FILE, Skip
 
 
+def read_local_image(paths, image_size: int, resize_mode: str, min_image_size: int):
+    """The first of ``paths`` that exists, read and validated/resized by :func:`prepare_image`:
+    ``(path, (jpg, original_size, stored_size))``. A missing or unreadable file, or a bad image,
+    is a :class:`Skip` naming the path."""
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        raise Skip(MISSING_FILE, paths[0])
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise Skip(MISSING_FILE, f"{path}: {err.strerror}") from None
+    try:
+        return path, prepare_image(data, image_size, resize_mode, min_image_size)
+    except Skip as skip:
+        raise Skip(skip.reason, f"{path}: {skip.detail}") from None
+
+
 class LocalSampler:
     """Picklable ``make_sample``: read the image file, validate/resize it, attach captions."""
 
@@ -16,18 +34,8 @@ class LocalSampler:
         self.resize_mode, self.min_image_size = resize_mode, min_image_size
 
     def __call__(self, row_index: int, row: ImageRow) -> dict:
-        path = next((p for p in row.paths if os.path.isfile(p)), None)
-        if path is None:
-            raise Skip(MISSING_FILE, row.paths[0])
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            raise Skip(MISSING_FILE, f"{path}: {err.strerror}") from None
-        try:
-            jpg, original, stored = prepare_image(data, self.image_size, self.resize_mode, self.min_image_size)
-        except Skip as skip:
-            raise Skip(skip.reason, f"{path}: {skip.detail}") from None
+        path, (jpg, original, stored) = read_local_image(row.paths, self.image_size, self.resize_mode,
+                                                         self.min_image_size)
         return {"jpg": jpg, "txt": row.captions[row.caption_index],
                 "json": {"source": self.source, "image_id": row.image_id, "original_size": list(original),
                          "size": list(stored), "captions": list(row.captions), "split": row.split,

@@ -16,8 +16,7 @@ from typing import NamedTuple
 
 from . import writer
 from .annotations import EVAL_SPLITS, Parsed
-from .images import prepare_image
-from .reasons import MISSING_FILE, Skip
+from .local import read_local_image
 
 _SPACES = re.compile(r"\s+")
 
@@ -59,18 +58,7 @@ class TaskSampler:
         self.resize_mode, self.min_image_size = resize_mode, min_image_size
 
     def _image(self, paths: tuple):
-        path = next((p for p in paths if os.path.isfile(p)), None)
-        if path is None:
-            raise Skip(MISSING_FILE, paths[0])
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            raise Skip(MISSING_FILE, f"{path}: {err.strerror}") from None
-        try:
-            return prepare_image(data, self.image_size, self.resize_mode, self.min_image_size)
-        except Skip as skip:
-            raise Skip(skip.reason, f"{path}: {skip.detail}") from None
+        return read_local_image(paths, self.image_size, self.resize_mode, self.min_image_size)[1]
 
     def __call__(self, row_index: int, row: TaskRow) -> dict:
         sample, original, stored = {}, {}, {}
