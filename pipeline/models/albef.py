@@ -31,19 +31,28 @@ class AlbefConfig(MomentumConfig):
     mlm_probability: float = 0.15
 
 
+def add_encoders(module: nn.Module, cfg) -> int:
+    """Give ``module`` ALBEF's tokenizer, ViT (``visual_encoder``) and text/fusion BERT
+    (``text_encoder``) under ALBEF's names, so that fine-tuning heads take a pre-training run's
+    weights through ``train.init_from``; sets ``image_first`` and ``patch_size`` and returns the
+    shared width."""
+    module.tokenizer = load_tokenizer(cfg.text)
+    module.visual_encoder = VisionEncoder(cfg.vision)
+    module.text_encoder = BertTextFusion(cfg.text, len(module.tokenizer))
+    width = module.text_encoder.config.hidden_size
+    module.image_first = check_pairing(cfg, module.visual_encoder, width,
+                                       "ALBEF's fusion layers and ELIP's [CLS] fusion need equal widths")
+    module.patch_size = module.visual_encoder.patch_size
+    return width
+
+
 class ALBEF(MomentumContrast):
     """``forward(batch) -> dict(loss, loss_itc, loss_itm, loss_mlm, tokens_per_layer, kept_patches)``."""
 
     def __init__(self, cfg: AlbefConfig):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.text)
-        self.visual_encoder = VisionEncoder(cfg.vision)
-        self.text_encoder = BertTextFusion(cfg.text, len(self.tokenizer))
-        width = self.text_encoder.config.hidden_size
-        self.image_first = check_pairing(cfg, self.visual_encoder, width,
-                                         "ALBEF's fusion layers and ELIP's [CLS] fusion need equal widths")
-        self.patch_size = self.visual_encoder.patch_size
+        width = add_encoders(self, cfg)
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)

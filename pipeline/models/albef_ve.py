@@ -15,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models import register_model
-from pipeline.models.pairing import check_pairing, encode_pair
-from pipeline.models.text import BertTextFusion, TextConfig, load_tokenizer, tokenize
-from pipeline.models.vit import VisionEncoder, VitConfig
+from pipeline.models.albef import add_encoders
+from pipeline.models.pairing import encode_pair
+from pipeline.models.text import TextConfig, tokenize
+from pipeline.models.vit import VitConfig
 
 VE_LABELS = ("entailment", "neutral", "contradiction")  # KEY.json label_id order (data_prep snli_ve)
 
@@ -42,13 +43,7 @@ class AlbefVE(nn.Module):
     def __init__(self, cfg: AlbefVeConfig):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.text)
-        self.visual_encoder = VisionEncoder(cfg.vision)
-        self.text_encoder = BertTextFusion(cfg.text, len(self.tokenizer))
-        width = self.text_encoder.config.hidden_size
-        self.image_first = check_pairing(cfg, self.visual_encoder, width,
-                                         "ALBEF's fusion layers and ELIP's [CLS] fusion need equal widths")
-        self.patch_size = self.visual_encoder.patch_size
+        width = add_encoders(self, cfg)
         self.cls_head = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, self.num_classes))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
