@@ -12,8 +12,9 @@ Training stream of one dataloader worker (``TrainLoader``)::
     number  -- each raw sample gets its index in this worker's stream
     skip    -- resume: drop the raw samples this worker had already delivered (no decoding)
     decode  -- PIL decode (reduced-size for JPEGs when the crop allows), ALBEF train
-               transforms, caption cleaning; a corrupt sample is skipped and counted; the
-               caption choice and augmentation draw from per-sample generators
+               transforms (each image of an NLVR2 pair augmented on its own), caption
+               cleaning; a corrupt sample, or a pair missing one image, is skipped and
+               counted; the caption choice and augmentation draw from per-sample generators
     batch   -- full batches of ``data.batch_size``; uint8 images stacked, then normalised at once
     take    -- this worker's share of the epoch's batches
 
@@ -47,6 +48,7 @@ from .transforms import TrainTransform, decode_image, eval_transform, normalize,
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+PAIR_SIDES = ("left", "right")  # NLVR2 samples: KEY.left.jpg, KEY.right.jpg (data_prep nlvr2, synthetic_nlvr2)
 
 
 # --------------------------------------------------------------------------- errors
@@ -195,16 +197,36 @@ def _frame_bytes(sample: dict) -> list[bytes]:
     return [frames[i] for i in range(len(frames))]
 
 
+def _pair_bytes(sample: dict) -> list[bytes]:
+    """The two images of an NLVR2 pair sample, left then right; empty for any other sample. A
+    pair sample without one of them raises, naming the sample and the missing member."""
+    found = {}
+    for k, v in sample.items():
+        side, _, ext = k.partition(".")
+        if side in PAIR_SIDES and ext in IMAGE_KEYS:
+            found[side] = v
+    missing = [s for s in PAIR_SIDES if s not in found]
+    if found and missing:
+        raise ValueError(f"pair sample {sample.get('__key__')!r} has no {missing[0]} image "
+                         f"(KEY.{missing[0]}.jpg); it has {sorted(k for k in sample if not k.startswith('__'))}")
+    return [found[s] for s in PAIR_SIDES] if found else []
+
+
 def _pixels(sample: dict, transform: Callable) -> torch.Tensor:
-    """Evaluation: ``[3, H, W]`` for an image sample, ``[T, 3, H, W]`` for a video sample."""
-    frames = _frame_bytes(sample)
-    out = [transform(decode_image(data)) for data in frames or [_image_bytes(sample)]]
-    return torch.stack(out) if frames else out[0]
+    """Evaluation: ``[3, H, W]`` for an image sample, ``[T, 3, H, W]`` for a video sample,
+    ``[2, 3, H, W]`` (left, right) for a pair sample."""
+    several = _frame_bytes(sample) or _pair_bytes(sample)
+    out = [transform(decode_image(data)) for data in several or [_image_bytes(sample)]]
+    return torch.stack(out) if several else out[0]
 
 
 def _augmented(sample: dict, transform: TrainTransform, g: torch.Generator) -> torch.Tensor:
     """Training: uint8 ``[3, S, S]`` for an image sample, ``[T, 3, S, S]`` for a video sample
-    (one crop, flip and op list for all frames of a clip)."""
+    (one crop, flip and op list for all frames of a clip), ``[2, 3, S, S]`` for a pair sample
+    (left, right)."""
+    pair = _pair_bytes(sample)
+    if pair:  # two photographs, each with its own crop and ops: ALBEF calls its transform once per image
+        return torch.stack([transform([data], g)[0] for data in pair])
     frames = _frame_bytes(sample)
     out = transform(frames or [_image_bytes(sample)], g)
     return out if frames else out[0]
@@ -350,7 +372,9 @@ class TrainLoader:
     """Epochs of training batches for one rank; see the module docstring.
 
     ``iter_epoch(epoch)`` yields ``{"image": FloatTensor[B, 3, H, W], "text": list[str],
-    "key": list[str], "meta": list[dict]}`` (``meta``: each ``KEY.json``) (``image`` is ``[B, T, 3, H, W]`` for video samples of T frames) and keeps :attr:`position` up to date; it continues from the position
+    "key": list[str], "meta": list[dict]}`` (``meta``: each ``KEY.json``; ``image`` is
+    ``[B, T, 3, H, W]`` for video samples of T frames, ``[B, 2, 3, H, W]`` for NLVR2 pairs, left
+    then right) and keeps :attr:`position` up to date; it continues from the position
     when the position is inside that epoch (after ``position.load_state_dict`` on resume).
     """
 
@@ -460,7 +484,7 @@ def build_eval_loader(shards: str, *, image_size: int, batch_size: int, workers:
                       rank: int = 0, world_size: int = 1):
     """Evaluation batches ``{"image": [B, 3, H, W], "captions": list[list[str]], "key": list[str],
     "meta": list[dict]}`` (``meta``: each ``KEY.json``; a downstream task's question and answers)
-    (``image`` ``[B, T, 3, H, W]`` for video samples)
+    (``image`` ``[B, T, 3, H, W]`` for video samples, ``[B, 2, 3, H, W]`` for NLVR2 pairs)
     in shard order, no augmentation; with ``world_size > 1`` each rank reads shards rank::world."""
     sources, _ = parse_shard_spec(shards)
     urls = [u for s in sources for u in s.urls]

@@ -1,7 +1,10 @@
-"""Accuracy of an (image, text) classifier (SNLI-VE) on a task shard set, beside the chance level.
+"""Accuracy of an (image, text) classifier (SNLI-VE; NLVR2 on image pairs) on a task shard set,
+beside the chance level.
 
 The model is a :class:`~pipeline.models.contracts.Classifier`; the true class of a sample is its
-``KEY.json[model.label_key]``. Several ranks classify their shards and all-reduce the counts.
+``KEY.json[model.label_key]``, an integer class id (SNLI-VE's ``label_id``) or a boolean (NLVR2's
+``label``: false 0, true 1). A pair sample reaches the model as ``[B, 2, 3, H, W]``. Several ranks
+classify their shards and all-reduce the counts.
 """
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 64
     for batch in loader:
         texts = [m.get("hypothesis") or m.get("sentence") or c[0] for m, c in zip(batch["meta"], batch["captions"])]
         key = model.label_key
-        if any(not isinstance(m.get(key), int) for m in batch["meta"]):
-            raise ValueError(f"eval.shards={shards!r}: a sample's KEY.json lacks an integer {key!r}")
-        labels = torch.tensor([m[key] for m in batch["meta"]], device=device)
+        bad = [k for k, m in zip(batch["key"], batch["meta"]) if not isinstance(m.get(key), int)]  # bool is an int
+        if bad:
+            raise ValueError(f"eval.shards={shards!r}: samples {bad[:3]}: KEY.json lacks an integer or boolean {key!r}")
+        labels = torch.tensor([int(m[key]) for m in batch["meta"]], dtype=torch.long, device=device)
         logits = model.classify(batch["image"].to(device, dtype), texts)
         correct[0] += (logits.argmax(-1) == labels).sum()
         correct[1:] += torch.bincount(labels, minlength=model.num_classes)

@@ -93,8 +93,9 @@ class VqaAnswerer(Protocol):
 
 @runtime_checkable
 class Classifier(Protocol):
-    """Classifies (image, text) pairs (:mod:`pipeline.eval.classify`): ``classify(images [B, 3, H, W],
-    texts) -> logits [B, num_classes]``, the true class being each sample's ``KEY.json[label_key]``."""
+    """Classifies (image, text) pairs (:mod:`pipeline.eval.classify`): ``classify(images [B, 3, H, W]
+    (``[B, 2, 3, H, W]`` for NLVR2's image pairs), texts) -> logits [B, num_classes]``, the true class
+    being each sample's ``KEY.json[label_key]`` (an integer, or a boolean: false 0, true 1)."""
 
     num_classes: int
     label_key: str

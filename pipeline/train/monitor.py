@@ -41,6 +41,8 @@ def kept_patch_grid(images: torch.Tensor, kept: torch.Tensor, patch_size: int, n
     kept ones outlined (the ELIP paper's Figure 5 style)."""
     from torchvision.utils import make_grid
 
+    if images.dim() == 5:  # [B, 2, 3, H, W] pairs: the model's kept patches run over the B*2 images in that order
+        images = images.flatten(0, 1)
     images = denormalize(images[:n].detach().float().cpu())
     kept = kept[:n].detach().cpu().bool()
     B, _, H, W = images.shape
