@@ -103,6 +103,9 @@ def test_nlvr2_head_forward_backward_prunes_and_fits_a_batch():
     out = model(batch)
     assert out["tokens_per_layer"] == [65, 50, 50, 27]  # ELIP prunes each image, guided by the statement
     assert out["kept_patches"].shape == (8, 64)  # left 0, right 0, left 1, ...
+    from pipeline.train.monitor import kept_patch_grid  # the trainer's image grid shows the pairs side by side
+
+    assert kept_patch_grid(batch["image"], out["kept_patches"], model.patch_size, n=4).shape == (3, 2 + 2 * 66, 2 + 4 * 66)
     assert out["loss"].item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=0.3)
     out["loss"].backward()
     assert all(p.grad is not None for p in model.cls_head.parameters())
