@@ -1,6 +1,8 @@
 """METER's VQA head: soft scores and loss by hand, forward/backward with ELIP pruning, fitting a
-tiny batch, answers through the VQA evaluation, init_from a METER pre-training run's encoders."""
+tiny batch, answers through the VQA evaluation, the answer vocabulary from shards, init_from a
+METER pre-training run's encoders."""
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from data_prep.__main__ import main as data_prep_main
 from pipeline.config import load_config
 from pipeline.eval.tasks import check_contract
 from pipeline.eval.vqa import evaluate_shards
+from pipeline.eval.vqa_answers import build_vocabulary, main as vqa_answers_main
 from pipeline.models import build_model
 from pipeline.models.meter_vqa import load_answers, soft_score, soft_targets, vqa_loss
 
@@ -90,6 +93,11 @@ def test_answers_through_the_vqa_evaluation(model, tmp_path):
     metrics, rows = evaluate_shards(model, str(out), image_size=64, batch_size=8)
     yes = sum(r["answers"][0] == "yes" for r in rows)
     assert 0 < yes < 24 and metrics["accuracy"] == pytest.approx(100 * yes / 24)
+    # the vocabulary built from shards (METER's rule: majority answers seen min_count times)
+    counts = Counter(r["answers"][0] for r in rows)
+    assert build_vocabulary(str(out), min_count=2) == [a for a in counts if counts[a] >= 2]
+    assert set(build_vocabulary(str(out), min_count=1)) <= set(model.answers)
+    assert vqa_answers_main([str(out), "--min-count", "100", "--out", str(tmp_path / "a.json")]) == 1
 
 
 def test_init_from_a_meter_pretraining_copies_encoders_and_fusion_not_the_head(tmp_path):

@@ -7,7 +7,8 @@ as METER does after ban-vqa). A question's soft score for an answer is METER's `
 how many of its human answers say it: 0, 0.3, 0.6, 0.9, then 1 from four on
 (``write_vqa.py``); answers outside the vocabulary score nothing. The vocabulary
 (``model.answers``) is a JSON list of answer strings, METER's ``label2ans`` (for VQAv2: the
-3,129 normalised ``multiple_choice_answer`` values seen at least 9 times in train+val).
+3,129 majority answers seen at least 9 times in train+val; ``python -m pipeline.eval.vqa_answers``
+builds it from training shards).
 
 The encoders and fusion are :class:`~pipeline.models.meter.MeterEncoders`, METER's own, under
 METER's parameter names: ``train.init_from`` a ``meter`` run copies all of them; the head starts
