@@ -101,7 +101,7 @@ class MeterVQA(MeterEncoders):
         hs = 2 * self.width
         self.vqa_classifier = nn.Sequential(nn.Linear(hs, hs), nn.LayerNorm(hs), nn.GELU(),
                                             nn.Linear(hs, len(self.answers)))
-        init_fresh(self.vqa_classifier)
+        init_fresh(self.vqa_classifier, self.width)
 
     def lr_scales(self) -> dict[str, float]:
         return super().lr_scales() | {"vqa_classifier.": self.cfg.lr_mult_head}
