@@ -212,7 +212,6 @@ class MeterEncoders(nn.Module):
         return text, vision, text_feats, cls_feats
 
 
-
 class METER(MeterEncoders):
     """``forward(batch) -> dict(loss, loss_itm, loss_mlm, tokens_per_layer, kept_patches)``."""
 
