@@ -178,3 +178,30 @@ def test_cross_modal_layers_and_heads_get_five_times_the_learning_rate():
             assert lr[id(p)] == pytest.approx(5 * base)
         optimizer.step()
         scheduler.step()
+
+
+def _image_share_of_pooled_text(model, width: int) -> float:
+    """How much a change of image moves the fusion's pooled text [CLS], relative to how much it
+    differs between captions (random unit-variance encoder outputs)."""
+    g = torch.Generator().manual_seed(0)
+    text, image, other = (torch.randn(8, n, width, generator=g) for n in (6, 9, 9))
+    mask = torch.ones(8, 6, dtype=torch.long)
+    with torch.no_grad():
+        a = model.fuse(text, mask, image)[2][:, :width]
+        b = model.fuse(text, mask, other)[2][:, :width]
+    return ((a - b).std() / a.std(0).mean()).item()
+
+
+def test_fresh_fusion_sees_the_image_at_tiny_width_as_meter_does_at_768(meter):
+    """Regression (issue 12.6): METER's N(0, 0.02) init at width 64 left the pooled text [CLS]
+    almost blind to the image (1.3%), so ITM (on the two pooled halves) sat at ln 2; the init
+    scaled by sqrt(768 / width) gives the share METER-base has at init (about 19%)."""
+    meter.eval()
+    torch.manual_seed(0)
+    base = build_model(load_config("tiny_meter_elip", [
+        "model.text.bert={hidden_size: 768, num_hidden_layers: 1, num_attention_heads: 12, intermediate_size: 3072}",
+        "model.text.text_layers=1", "model.vision.timm_kwargs={depth: 1, embed_dim: 768, num_heads: 12, patch_size: 16}",
+        "model.vision.reduction.method=none"]).model).eval()  # the tiny one's 2 fusion layers
+    assert base.cross_modal_text_transform.weight.std().item() == pytest.approx(0.02, rel=0.05)  # METER's own
+    tiny, meter_base = _image_share_of_pooled_text(meter, 64), _image_share_of_pooled_text(base, 768)
+    assert meter_base > 0.1 and tiny > 0.5 * meter_base, (tiny, meter_base)

@@ -76,6 +76,24 @@ def _text_model(cfg: TextConfig, vocab_size: int) -> nn.Module:
     return BertModel(config, add_pooling_layer=False)
 
 
+METER_WIDTH = 768  # the fusion width METER's init was chosen for
+
+
+def init_fresh(module: nn.Module, width: int) -> None:
+    """METER's init of its new layers (``objectives.init_weights``: N(0, 0.02), zero biases, unit
+    norms), its std scaled by ``sqrt(768 / width)``, so it is METER's 0.02 at METER's width.
+
+    Why scaled: a fresh ``Linear`` with std 0.02 maps unit-variance inputs to 0.02 * sqrt(width),
+    0.55 at 768 but 0.16 at the tiny configs' 64. The first co-attention layer's image
+    contribution to the text stream is the product of three such gains (image projection, value,
+    output): about 17% of the text signal in METER, 0.4% at width 64, where the pooled text [CLS]
+    then barely depends on the image (measured: 0.6%), the two pooled halves that ITM reads are
+    nearly additive in text and image, and ITM sits at ln 2 (a warm-started tiny METER could not
+    fit 8 pairs in 150 steps; with the scaled std it left ln 2 after about 100)."""
+    std = 0.02 * (METER_WIDTH / width) ** 0.5
+    module.apply(lambda m: bert_init(m, std))
+
+
 def _tokenizer(cfg: TextConfig):
     path = cfg.tokenizer or cfg.pretrained
     if path and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "merges.txt")):
@@ -83,14 +101,16 @@ def _tokenizer(cfg: TextConfig):
     return load_tokenizer(cfg)
 
 
-class METER(nn.Module):
-    """``forward(batch) -> dict(loss, loss_itm, loss_mlm, tokens_per_layer, kept_patches)``."""
+class MeterEncoders(nn.Module):
+    """METER's encoders and co-attention fusion, without heads: what pre-training (:class:`METER`)
+    and the downstream heads (``meter_vqa``) share, under the same parameter names, so that
+    ``train.init_from`` a METER run copies every one of them."""
 
     # train.init_from from a CLIP dual encoder (METER starts from CLIP's ViT and a pre-trained
     # text encoder): its ``visual_encoder`` has METER's name already, its text encoder does not
     init_from_renames = {"text_encoder.": "text_transformer."}
 
-    def __init__(self, cfg: MeterConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = _tokenizer(cfg.text)
@@ -116,6 +136,8 @@ class METER(nn.Module):
             is_decoder=True, add_cross_attention=True,  # transformers' BertLayer: self-, cross-attention, FFN
         )
         fusion._attn_implementation = "sdpa"
+        self.fusion_config = fusion
+        self.width = width
         self.cross_modal_text_transform = nn.Linear(width, width)
         self.cross_modal_image_transform = nn.Linear(self.visual_encoder.embed_dim, width)
         self.token_type_embeddings = nn.Embedding(2, width)
@@ -123,12 +145,10 @@ class METER(nn.Module):
         self.cross_modal_image_layers = nn.ModuleList(BertLayer(fusion, layer_idx=i) for i in range(cfg.fusion_layers))
         self.cross_modal_text_pooler = BertPooler(fusion)  # dense + tanh on the stream's first token
         self.cross_modal_image_pooler = BertPooler(fusion)
-        self.mlm_score = BertOnlyMLMHead(fusion)
-        self.itm_score = nn.Linear(2 * width, 2)
         for module in (self.cross_modal_text_transform, self.cross_modal_image_transform, self.token_type_embeddings,
                        self.cross_modal_text_layers, self.cross_modal_image_layers, self.cross_modal_text_pooler,
-                       self.cross_modal_image_pooler, self.mlm_score, self.itm_score):
-            module.apply(lambda m: bert_init(m, 0.02))  # METER's init: N(0, 0.02), zero biases, unit norms
+                       self.cross_modal_image_pooler):
+            init_fresh(module, width)
         self.patch_size = self.visual_encoder.patch_size
         self.grad_checkpointing = False
 
@@ -138,8 +158,7 @@ class METER(nn.Module):
 
     def lr_scales(self) -> dict[str, float]:
         """Parameter-name prefixes and their learning-rate multipliers (METER's lr_mult_*)."""
-        head = self.cfg.lr_mult_head
-        return {"cross_modal_": self.cfg.lr_mult_cross_modal, "mlm_score.": head, "itm_score.": head}
+        return {"cross_modal_": self.cfg.lr_mult_cross_modal}
 
     def tokenize(self, texts: list[str], device: torch.device):
         return tokenize(self.tokenizer, texts, self.cfg.text.max_tokens, device)
@@ -191,6 +210,21 @@ class METER(nn.Module):
                                    index=index)
         text_feats, _, cls_feats = self.fuse(text.hidden, text.mask, vision.tokens)
         return text, vision, text_feats, cls_feats
+
+
+class METER(MeterEncoders):
+    """``forward(batch) -> dict(loss, loss_itm, loss_mlm, tokens_per_layer, kept_patches)``."""
+
+    def __init__(self, cfg: MeterConfig):
+        super().__init__(cfg)
+        self.mlm_score = BertOnlyMLMHead(self.fusion_config)
+        self.itm_score = nn.Linear(2 * self.width, 2)
+        for module in (self.mlm_score, self.itm_score):
+            init_fresh(module, self.width)
+
+    def lr_scales(self) -> dict[str, float]:
+        head = self.cfg.lr_mult_head
+        return super().lr_scales() | {"mlm_score.": head, "itm_score.": head}
 
     # -- training ------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
