@@ -58,11 +58,11 @@ class ALBEF(MomentumContrast):
     def __init__(self, cfg: AlbefConfig):
         super().__init__()
         self.cfg = cfg
+        check_objectives(cfg.objectives, ALBEF_OBJECTIVES, required="itc")
         width = add_encoders(self, cfg)
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)
-        check_objectives(cfg.objectives, ALBEF_OBJECTIVES, required="itc")
         self.init_momentum(cfg)  # teacher copies (unpruned ViT), queues, temperature
 
     # -- training ------------------------------------------------------------------------------

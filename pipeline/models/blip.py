@@ -58,6 +58,9 @@ class BLIP(MomentumContrast):
     def __init__(self, cfg: BlipConfig):
         super().__init__()
         self.cfg = cfg
+        check_objectives(cfg.objectives, BLIP_OBJECTIVES)
+        if "itm" in cfg.objectives and "itc" not in cfg.objectives:
+            raise ValueError(f"model.objectives={cfg.objectives}: itm draws its hard negatives from itc; add itc")
         self.tokenizer = load_tokenizer(cfg.text)
         # BLIP's tokenizer: [DEC] starts a caption for the decoder, [ENC] one for the ITM encoder
         self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
@@ -88,10 +91,10 @@ class BLIP(MomentumContrast):
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)
-        check_objectives(cfg.objectives, BLIP_OBJECTIVES)
-        if "itm" in cfg.objectives and "itc" not in cfg.objectives:
-            raise ValueError(f"model.objectives={cfg.objectives}: itm draws its hard negatives from itc; add itc")
-        self.init_momentum(cfg)  # teacher copies (unpruned ViT), queues, temperature
+        if "itc" in cfg.objectives:
+            self.init_momentum(cfg)  # teacher copies (unpruned ViT), queues, temperature
+        else:  # caption fine-tuning has no teacher (BLIP_Decoder)
+            self.model_pairs = []
 
     decoder_grad_checkpointing = False
 

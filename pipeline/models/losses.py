@@ -96,9 +96,12 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, generato
     if B < 2:
         raise ValueError(f"ITM hard negatives need at least 2 samples per rank and micro-batch, got {B}")
     eye = torch.eye(B, dtype=torch.bool, device=sim_i2t.device)
-    positives = eye if positives is None else positives | eye
-    w_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(positives, 0) + 1e-9 * (~eye)
-    w_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(positives, 0) + 1e-9 * (~eye)
+    allowed = ~eye if positives is None else ~(positives | eye)
+    alone = ~allowed.any(dim=1)
+    allowed[alone] = ~eye[alone]  # a row of one image only: any other sample rather than no negative
+    # the floor keeps a row drawable when its softmax underflows, and only over allowed samples
+    w_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(~allowed, 0) + 1e-9 * allowed
+    w_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(~allowed, 0) + 1e-9 * allowed
     neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image, neg_text
