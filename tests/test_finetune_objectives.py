@@ -127,3 +127,23 @@ def test_init_from_resamples_the_position_embedding_for_another_resolution(tmp_p
     assert torch.equal(pos[:, 0], source["visual_encoder.pos_embed"][:, 0])  # [CLS] kept
     grid = source["visual_encoder.pos_embed"][0, 1:].reshape(8, 8, 64)
     assert torch.allclose(pos[0, 1:].reshape(12, 12, 64).mean((0, 1)), grid.mean((0, 1)), atol=0.02)
+
+
+@pytest.mark.parametrize("name, lr, epochs, batch, size, k_test, queue", [
+    ("albef_retrieval_coco", 1e-5, 5, 32, 384, 256, 65536),    # ALBEF configs/Retrieval_coco.yaml
+    ("albef_retrieval_flickr", 1e-5, 10, 32, 384, 128, 65536),  # ALBEF configs/Retrieval_flickr.yaml
+    ("blip_retrieval_coco", 1e-5, 6, 32, 384, 256, 57600),      # BLIP configs/retrieval_coco.yaml
+    ("blip_caption_coco", 1e-5, 5, 32, 384, None, None),        # BLIP configs/caption_coco.yaml
+    ("evlgen_caption_coco", 1e-5, 5, 16, 224, None, None),      # BLIP-2 caption_coco_ft.yaml (EVLGen has none)
+])
+def test_shipped_fine_tuning_configs_carry_the_official_recipes(name, lr, epochs, batch, size, k_test, queue):
+    cfg = load_config(name)
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.data.batch_size, cfg.data.image_size) == (lr, epochs, batch, size)
+    assert cfg.model.vision.image_size == size and cfg.eval.every_epochs == 1
+    if k_test is not None:  # retrieval: ITC + ITM with same-image positives
+        assert cfg.eval.k_test == k_test and cfg.model.queue_size == queue
+        assert cfg.model.objectives == ["itc", "itm"] and cfg.model.positives_key == "image_id"
+    elif cfg.model.name == "blip":
+        assert cfg.model.objectives == ["lm"] and cfg.model.prompt == "a picture of " and cfg.eval.task == "caption"
+    else:
+        assert cfg.model.prompt == "a photo of " and cfg.model.generate.num_beams == 5
