@@ -97,6 +97,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # evaluate every N optimizer steps and at the end; 0 = never in training
+    every_epochs: int = 0  # also at the end of every N epochs (fine-tuning recipes evaluate each epoch)
     task: str = ""  # the evaluation eval.every runs (pipeline.eval.tasks: retrieval, caption, vqa); "" = the model's
     shards: str = ""  # evaluation shard set (brace pattern or directory with manifest.json)
     k_test: int = 256  # ITC top-k re-ranked by ITM

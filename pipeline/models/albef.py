@@ -4,7 +4,9 @@ ViT image encoder, BERT text encoder (first ``text_layers``) and fusion encoder 
 with cross-attention); ITC with momentum encoders and feature queues, momentum distillation,
 ITM with hard negatives mined from the ITC similarities, MLM. The text encoder runs before the
 ViT so its [CLS] can guide ELIP; the momentum (teacher) ViT runs unpruned, as in the official
-ELIP code.
+ELIP code. Retrieval fine-tuning is the same model with ``objectives: [itc, itm]`` and
+``positives_key: image_id`` (ALBEF's ``model_retrieval.py``: no MLM, captions of one image are
+positives in ITC and never ITM negatives).
 """
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ import torch.nn.functional as F
 
 from pipeline.models import register_model
 from pipeline.models.losses import mask_tokens, sample_hard_negatives
-from pipeline.models.momentum import MomentumConfig, MomentumContrast
+from pipeline.models.momentum import MomentumConfig, MomentumContrast, check_objectives, same_image
 from pipeline.models.pairing import check_pairing
 from pipeline.models.text import BertTextFusion, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
+
+
+ALBEF_OBJECTIVES = ("itc", "itm", "mlm")
 
 
 @dataclass
@@ -29,6 +34,7 @@ class AlbefConfig(MomentumConfig):
     name: str = "albef"
     vision: VitConfig = field(default_factory=lambda: VitConfig(image_size=256))
     mlm_probability: float = 0.15
+    objectives: list[str] = field(default_factory=lambda: ["itc", "itm", "mlm"])  # itc always
 
 
 def add_encoders(module: nn.Module, cfg) -> int:
@@ -52,6 +58,7 @@ class ALBEF(MomentumContrast):
     def __init__(self, cfg: AlbefConfig):
         super().__init__()
         self.cfg = cfg
+        check_objectives(cfg.objectives, ALBEF_OBJECTIVES, required="itc")
         width = add_encoders(self, cfg)
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
@@ -68,13 +75,16 @@ class ALBEF(MomentumContrast):
         """
         step = self.itc_step(batch)
         text, image_embeds = step.text, step.vision.tokens  # [B, L', D] (L' < L when text is pruned), [B, N', D]
-        loss_itm = self._itm_loss(image_embeds, text.hidden, text.mask, step.sim_i2t, step.sim_t2i)
-        loss_mlm = self._mlm_loss(step.ids, step.mask, text.index, image_embeds, step.image_embeds_m, step.alpha)
-        return self.outputs(step, itm=loss_itm, mlm=loss_mlm)
+        losses = {}
+        if "itm" in self.cfg.objectives:
+            losses["itm"] = self._itm_loss(image_embeds, text.hidden, text.mask, step.sim_i2t, step.sim_t2i, step.idx)
+        if "mlm" in self.cfg.objectives:
+            losses["mlm"] = self._mlm_loss(step.ids, step.mask, text.index, image_embeds, step.image_embeds_m, step.alpha)
+        return self.outputs(step, **losses)
 
-    def _itm_loss(self, image_embeds, text_embeds, mask, sim_i2t, sim_t2i) -> torch.Tensor:
+    def _itm_loss(self, image_embeds, text_embeds, mask, sim_i2t, sim_t2i, idx=None) -> torch.Tensor:
         B = len(image_embeds)
-        neg_image, neg_text = sample_hard_negatives(sim_i2t[:, :B], sim_t2i[:, :B])
+        neg_image, neg_text = sample_hard_negatives(sim_i2t[:, :B], sim_t2i[:, :B], positives=same_image(idx))
         text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])
         mask_all = torch.cat([mask, mask, mask[neg_text]])
         image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])

@@ -8,6 +8,11 @@ but the self-attention, as BLIP ties them: embeddings, cross-attention and feed-
 are the encoder's own modules, the decoder adds one causal self-attention per layer and uses
 the (tied) LM head. The unimodal text encoder is the same BERT without cross-attention; its
 [CLS] guides ELIP, and the teacher ViT runs unpruned, as in the official ELIP code.
+
+``model.objectives`` picks the fine-tuning tasks from the same model: ``[itc, itm]`` with
+``positives_key: image_id`` is BLIP's retrieval fine-tuning (``blip_retrieval.py``), ``[lm]``
+its caption fine-tuning (``BLIP_Decoder`` in ``blip.py``: the captions continue ``prompt``,
+whose tokens are not predicted, and the ViT prunes vision-only, as when it captions).
 """
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ from transformers.models.bert.modeling_bert import BertAttention
 from pipeline.models import register_model
 from pipeline.models.losses import sample_hard_negatives
 from pipeline.models.layers import bert_init, checkpointed
-from pipeline.models.momentum import MomentumConfig, MomentumContrast
+from pipeline.models.momentum import MomentumConfig, MomentumContrast, check_objectives, same_image
 from pipeline.models.pairing import check_pairing
 from pipeline.models.text import BertTextFusion, TextConfig, causal_bias, load_tokenizer
 from pipeline.models.vit import VisionEncoder, VitConfig
+
+
+BLIP_OBJECTIVES = ("itc", "itm", "lm")
 
 
 @dataclass
@@ -41,6 +49,7 @@ class BlipConfig(MomentumConfig):
     queue_size: int = 57600
     label_smoothing: float = 0.1
     prompt: str = "a picture of "
+    objectives: list[str] = field(default_factory=lambda: ["itc", "itm", "lm"])
 
 
 class BLIP(MomentumContrast):
@@ -49,6 +58,9 @@ class BLIP(MomentumContrast):
     def __init__(self, cfg: BlipConfig):
         super().__init__()
         self.cfg = cfg
+        check_objectives(cfg.objectives, BLIP_OBJECTIVES)
+        if "itm" in cfg.objectives and "itc" not in cfg.objectives:
+            raise ValueError(f"model.objectives={cfg.objectives}: itm draws its hard negatives from itc; add itc")
         self.tokenizer = load_tokenizer(cfg.text)
         # BLIP's tokenizer: [DEC] starts a caption for the decoder, [ENC] one for the ITM encoder
         self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
@@ -79,7 +91,10 @@ class BLIP(MomentumContrast):
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)
-        self.init_momentum(cfg)  # teacher copies (unpruned ViT), queues, temperature
+        if "itc" in cfg.objectives:
+            self.init_momentum(cfg)  # teacher copies (unpruned ViT), queues, temperature
+        else:  # caption fine-tuning has no teacher (BLIP_Decoder)
+            self.model_pairs = []
 
     decoder_grad_checkpointing = False
 
@@ -115,11 +130,28 @@ class BLIP(MomentumContrast):
             batch: ``image`` ``[B, 3, H, W]``, ``text`` list of B captions, optional
                 ``epoch_progress`` (ramps the distillation weight over the first epoch).
         """
+        if "itc" not in self.cfg.objectives:
+            return self._caption_step(batch)
         step = self.itc_step(batch)
         image_embeds = step.vision.tokens  # [B, N', D]
-        loss_itm = self._itm_loss(step.ids, step.mask, step.text.index, image_embeds, step.sim_i2t, step.sim_t2i)
-        loss_lm = self._lm_loss(step.ids, step.mask, image_embeds)
-        return self.outputs(step, itm=loss_itm, lm=loss_lm)
+        losses = {}
+        if "itm" in self.cfg.objectives:
+            losses["itm"] = self._itm_loss(step.ids, step.mask, step.text.index, image_embeds,
+                                           step.sim_i2t, step.sim_t2i, step.idx)
+        if "lm" in self.cfg.objectives:
+            losses["lm"] = self._lm_loss(step.ids, step.mask, image_embeds)
+        return self.outputs(step, **losses)
+
+    def _caption_step(self, batch: dict) -> dict:
+        """Caption fine-tuning (``objectives: [lm]``): the LM loss of ``prompt`` + caption on the
+        vision-only pruned ViT, the prompt's tokens not predicted (BLIP_Decoder)."""
+        images = batch["image"]
+        vision = self.visual_encoder(images)
+        tok = self.tokenize([self.cfg.prompt + t for t in batch["text"]], images.device)
+        prompt_length = len(self.tokenizer(self.cfg.prompt).input_ids) - 1  # [CLS] + prompt, no [SEP]
+        loss = self._lm_loss(tok.input_ids, tok.attention_mask, vision.tokens, prompt_length)
+        return {"loss": loss, "loss_lm": loss.detach(), "tokens_per_layer": vision.tokens_per_layer,
+                "kept_patches": vision.kept_patches}
 
     def _itm_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of the captions with [ENC] in place of [CLS]: ``[B, L]`` -> ``[B, L, D]``."""
@@ -127,11 +159,11 @@ class BLIP(MomentumContrast):
         enc_ids[:, 0] = self.enc_token_id
         return self.text_encoder.embeddings(input_ids=enc_ids)
 
-    def _itm_loss(self, ids, mask, index, image_embeds, sim_i2t, sim_t2i) -> torch.Tensor:
+    def _itm_loss(self, ids, mask, index, image_embeds, sim_i2t, sim_t2i, idx=None) -> torch.Tensor:
         """Positives, then a hard negative image per caption and a hard negative caption per
-        image, through the image-grounded encoder in one batch of ``3B``."""
+        image (never one of the same image id), through the image-grounded encoder in one batch of ``3B``."""
         B = len(image_embeds)
-        neg_image, neg_text = sample_hard_negatives(sim_i2t[:, :B], sim_t2i[:, :B])
+        neg_image, neg_text = sample_hard_negatives(sim_i2t[:, :B], sim_t2i[:, :B], positives=same_image(idx))
         embeds = self._itm_embeddings(ids)
         text_all = torch.cat([embeds, embeds, embeds[neg_text]])
         mask_all = torch.cat([mask, mask, mask[neg_text]])
@@ -141,12 +173,15 @@ class BLIP(MomentumContrast):
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(image_embeds.device)
         return F.cross_entropy(self.itm_head(fused.hidden[:, 0]), labels)
 
-    def _lm_loss(self, ids, mask, image_embeds) -> torch.Tensor:
-        """Captioning loss: [DEC] + caption, each token predicted from the ones before and the image."""
+    def _lm_loss(self, ids, mask, image_embeds, prompt_length: int = 0) -> torch.Tensor:
+        """Captioning loss: [DEC] + caption, each token predicted from the ones before and the
+        image; the first ``prompt_length`` tokens ([DEC] + a prompt) are context, not targets."""
         dec_ids = ids.clone()
         dec_ids[:, 0] = self.tokenizer.bos_token_id
         logits = self.decode(dec_ids, mask, image_embeds)  # [B, L, V]
-        targets = dec_ids.masked_fill(mask == 0, -100)[:, 1:]
+        targets = dec_ids.masked_fill(mask == 0, -100)
+        targets[:, :prompt_length] = -100
+        targets = targets[:, 1:]
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
             ignore_index=-100, label_smoothing=self.cfg.label_smoothing,

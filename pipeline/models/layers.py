@@ -52,6 +52,21 @@ def bert_init(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
+def resize_pos_embed(value: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+    """A ViT's ``[1, 1 + g*g, D]`` position embedding fitted to ``own`` ``[1, 1 + h*h, D]`` of
+    another resolution (fine-tuning at 384 px from a 256 px pre-training, as ALBEF's
+    ``interpolate_pos_embed``): the patch grid resampled bicubically by timm, [CLS] kept.
+    None when the two are not square grids of one width."""
+    from timm.layers import resample_abs_pos_embed
+
+    if value.dim() != 3 or own.dim() != 3 or value.shape[::2] != own.shape[::2]:
+        return None
+    old, new = round((value.shape[1] - 1) ** 0.5), round((own.shape[1] - 1) ** 0.5)
+    if old * old + 1 != value.shape[1] or new * new + 1 != own.shape[1]:
+        return None
+    return resample_abs_pos_embed(value.float(), [new, new], [old, old], num_prefix_tokens=1).to(own.dtype)
+
+
 def grow_rows(value: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
     """A checkpoint tensor ``[V, ...]`` fitted into a model tensor ``[V', ...]`` with ``V < V'``
     (a vocabulary grown by added tokens, e.g. BLIP's [DEC] and [ENC]): the checkpoint's rows,

@@ -79,23 +79,45 @@ def itc_loss(
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, generator=None,
+                          positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ALBEF's ITM hard negatives, drawn in proportion to in-batch contrastive similarity.
 
     Args:
         sim_i2t, sim_t2i: ``[B, B]`` in-batch similarities (logits).
+        positives: ``[B, B]`` bool, pairs that are no negatives (retrieval fine-tuning: captions
+            of the same image, ``idx == idx.T`` in ALBEF's ``model_retrieval.py``); default the
+            diagonal.
     Returns:
-        ``(neg_image_for_text [B], neg_text_for_image [B])`` indices, never the positive.
+        ``(neg_image_for_text [B], neg_text_for_image [B])`` indices, never the pair itself; a
+        positive only when a row has nothing else (every sample of the batch shows one image).
     """
     B = sim_i2t.shape[0]
     if B < 2:
         raise ValueError(f"ITM hard negatives need at least 2 samples per rank and micro-batch, got {B}")
     eye = torch.eye(B, dtype=torch.bool, device=sim_i2t.device)
-    w_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(eye, 0) + 1e-9 * (~eye)
-    w_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(eye, 0) + 1e-9 * (~eye)
+    allowed = ~eye if positives is None else ~(positives | eye)
+    alone = ~allowed.any(dim=1)
+    allowed[alone] = ~eye[alone]  # a row of one image only: any other sample rather than no negative
+    # the floor keeps a row drawable when its softmax underflows, and only over allowed samples
+    w_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(~allowed, 0) + 1e-9 * allowed
+    w_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(~allowed, 0) + 1e-9 * allowed
     neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image, neg_text
+
+
+def positive_targets(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
+    """ITC targets that count every pair of the same image as positive (ALBEF / BLIP retrieval).
+
+    Args:
+        idx: ``[B]`` image ids of this step's captions.
+        idx_all: ``[B+Q]`` image ids of the keys (the batch, then the queue; -100 = empty slot).
+    Returns:
+        ``[B, B+Q]`` rows summing to 1, uniform over the keys showing the row's image.
+    """
+    pos = (idx[:, None] == idx_all[None, :]).float()
+    return pos / pos.sum(1, keepdim=True)
 
 
 def mask_tokens(

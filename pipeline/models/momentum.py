@@ -10,6 +10,7 @@ queues hold every rank's features.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.losses import concat_all_gather, itc_loss
+from pipeline.models.losses import concat_all_gather, itc_loss, positive_targets
 from pipeline.models.pairing import encode_pair
 from pipeline.models.text import TextConfig, TextOutput, tokenize
 from pipeline.models.vit import VisionEncoder, VisionOutput, VitConfig
@@ -31,7 +32,13 @@ TEACHER_REDUCTIONS = ("none", "same")
 class MomentumConfig:
     """The ``model:`` keys every :class:`MomentumContrast` backbone has (ALBEF's and BLIP's
     configs extend it): the encoders, the ITC projection width and temperature, the feature
-    queue, the teacher's EMA momentum and the distillation weight."""
+    queue, the teacher's EMA momentum and the distillation weight.
+
+    ``positives_key`` (retrieval fine-tuning: ``image_id``) names the ``KEY.json`` field whose
+    equal values mark captions of one image: ITC then counts all of them, in the batch and the
+    queue, as positives and ITM never draws them as negatives (ALBEF's and BLIP's retrieval
+    ``idx``); empty = only a sample's own caption (pre-training).
+    """
 
     name: str = ""
     vision: VitConfig = field(default_factory=VitConfig)
@@ -43,6 +50,7 @@ class MomentumConfig:
     alpha: float = 0.4
     distill: bool = True
     teacher_reduction: str = "none"
+    positives_key: str = ""
 
 
 class ItcStep(NamedTuple):
@@ -63,6 +71,7 @@ class ItcStep(NamedTuple):
     sim_i2t: torch.Tensor
     sim_t2i: torch.Tensor
     alpha: float
+    idx: torch.Tensor | None = None  # [B] image ids (model.positives_key), else None
 
 
 class MomentumContrast(nn.Module):
@@ -98,9 +107,25 @@ class MomentumContrast(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if cfg.positives_key:  # only then: pre-training checkpoints keep their keys
+            self.register_buffer("idx_queue", torch.full((q,), -100, dtype=torch.long))
 
     def tokenize(self, texts: list[str], device: torch.device):
         return tokenize(self.tokenizer, texts, self.cfg.text.max_tokens, device)
+
+    def positive_ids(self, batch: dict) -> torch.Tensor | None:
+        """``[B]`` int64 image ids from ``batch["meta"]``'s ``model.positives_key`` (None when unset)."""
+        key = self.cfg.positives_key
+        if not key:
+            return None
+        metas = batch.get("meta")
+        if metas is None:
+            raise ValueError(f"model.positives_key={key!r} needs each sample's KEY.json (batch['meta'])")
+        bad = [m.get("key", i) for i, m in enumerate(metas) if not isinstance(m.get(key), (int, str))]
+        if bad:
+            raise ValueError(f"samples {bad[:3]}: KEY.json has no {key!r} (model.positives_key; "
+                             "the caption sources write image_id)")
+        return torch.tensor([_id_number(m[key]) for m in metas], device=batch["image"].device)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
@@ -137,8 +162,9 @@ class MomentumContrast(nn.Module):
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
             text_m = self.text_encoder_m.encode(ids, mask, index=text.index)  # the same tokens
             text_feat_m = F.normalize(self.text_proj_m(text_m.hidden[:, 0]), dim=-1)
-        loss, sim_i2t, sim_t2i = self.contrast(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
-        return ItcStep(ids, mask, text, vision, image_embeds_m, loss, sim_i2t, sim_t2i, alpha)
+        idx = self.positive_ids(batch)
+        loss, sim_i2t, sim_t2i = self.contrast(image_feat, text_feat, image_feat_m, text_feat_m, alpha, idx)
+        return ItcStep(ids, mask, text, vision, image_embeds_m, loss, sim_i2t, sim_t2i, alpha, idx)
 
     @staticmethod
     def outputs(step: ItcStep, **losses: torch.Tensor) -> dict:
@@ -199,13 +225,15 @@ class MomentumContrast(nn.Module):
             dst.copy_(shadow)
 
     @torch.no_grad()
-    def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
-        """Push every rank's ``[B, E]`` momentum features into the ring-buffer queues."""
+    def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Push every rank's ``[B, E]`` momentum features (and ``[B]`` image ids) into the ring-buffer queues."""
         image_feat, text_feat = concat_all_gather(image_feat), concat_all_gather(text_feat)
         q = self.image_queue.shape[1]
         idx = (self.queue_ptr + torch.arange(image_feat.shape[0], device=image_feat.device)) % q
         self.image_queue[:, idx] = image_feat.T.to(self.image_queue.dtype)
         self.text_queue[:, idx] = text_feat.T.to(self.text_queue.dtype)
+        if ids is not None:
+            self.idx_queue[idx] = concat_all_gather(ids)
         self.queue_ptr[0] = (self.queue_ptr[0] + image_feat.shape[0]) % q
 
     def contrast(
@@ -215,6 +243,7 @@ class MomentumContrast(nn.Module):
         image_feat_m: torch.Tensor,
         text_feat_m: torch.Tensor,
         alpha: float,
+        idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ITC against the teacher's batch + queue features, then enqueue the teacher's.
 
@@ -222,6 +251,7 @@ class MomentumContrast(nn.Module):
             image_feat, text_feat: ``[B, E]`` normalised student features.
             image_feat_m, text_feat_m: ``[B, E]`` normalised teacher features (no gradient).
             alpha: distillation weight (0 = one-hot targets).
+            idx: ``[B]`` image ids: every key of the same image is a positive (None: the diagonal).
         Returns:
             ``(loss, sim_i2t [B, B+Q], sim_t2i [B, B+Q])``.
         """
@@ -230,12 +260,38 @@ class MomentumContrast(nn.Module):
             image_feat_m, text_feat_m, temp = image_feat_m.float(), text_feat_m.float(), self.temp.float()
             image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone()], dim=1)
             text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone()], dim=1)
-            targets = torch.zeros(len(image_feat), image_feat_all.shape[1], device=image_feat.device)
-            targets.fill_diagonal_(1)
+            if idx is None:
+                targets = torch.zeros(len(image_feat), image_feat_all.shape[1], device=image_feat.device)
+                targets.fill_diagonal_(1)
+            else:
+                targets = positive_targets(idx, torch.cat([idx, self.idx_queue]))
             i2t_targets = t2i_targets = targets
             if alpha > 0:
                 i2t_targets = alpha * F.softmax(image_feat_m @ text_feat_all / temp, dim=1) + (1 - alpha) * targets
                 t2i_targets = alpha * F.softmax(text_feat_m @ image_feat_all / temp, dim=1) + (1 - alpha) * targets
         result = itc_loss(image_feat, text_feat, image_feat_all, text_feat_all, self.temp, i2t_targets, t2i_targets)
-        self._enqueue(image_feat_m, text_feat_m)
+        self._enqueue(image_feat_m, text_feat_m, idx)
         return result
+
+
+def check_objectives(objectives: list[str], known: tuple[str, ...], required: str | None = None) -> None:
+    """Refuse an empty ``model.objectives``, an unknown name or one without ``required``."""
+    unknown = [o for o in objectives if o not in known]
+    if not objectives or unknown or (required and required not in objectives):
+        raise ValueError(f"model.objectives={list(objectives)}: expected a non-empty subset of {list(known)}"
+                         + (f" containing {required!r}" if required else "")
+                         + (f"; unknown {unknown}" if unknown else ""))
+
+
+def same_image(idx: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B]`` image ids -> ``[B, B]`` bool, True where two samples show the same image."""
+    return None if idx is None else idx[:, None] == idx[None, :]
+
+
+def _id_number(value: int | str) -> int:
+    """An image id as an int64 shared by every rank: a non-negative int as is, anything else
+    (Flickr30K file stems) a stable 62-bit hash above every COCO id."""
+    if isinstance(value, int) and value >= 0:
+        return value
+    digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 2) | (1 << 62)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models.layers import grow_rows
+from pipeline.models.layers import grow_rows, resize_pos_embed
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
 def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str], list[str]]:
     """Initialise ``model`` from another run's newest complete checkpoint (or a tag dir): every
     parameter or buffer whose name and shape match is copied (an embedding table with more rows
-    gets the checkpoint's rows first), the rest keep their initialisation
+    gets the checkpoint's rows first, a ViT position embedding of another resolution is resampled),
+    the rest keep their initialisation
     (a warm start: CLIP encoders into ALBEF). A model whose modules are named differently
     declares ``init_from_renames``, ``{source prefix: own prefix}`` (METER's ``text_transformer``
     is CLIP's ``text_encoder``). Returns ``(tag_dir, copied, kept)``; copying nothing
@@ -234,6 +235,8 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
             copied[k] = v
         elif (grown := grow_rows(v, own[k])) is not None:  # a vocabulary that grew (BLIP's [ENC] / [DEC])
             copied[k] = grown
+        elif k.endswith("pos_embed") and (resized := resize_pos_embed(v, own[k])) is not None:
+            copied[k] = resized  # fine-tuning at another resolution
     if not copied:
         raise ValueError(f"train.init_from={path}: no parameter of {tag_dir} matches the model by name and shape")
     model.load_state_dict(copied, strict=False)

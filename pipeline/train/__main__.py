@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_shard_spec(cfg.data.train_shards, "data.train_shards", cfg.data.train_weights)
-        if cfg.eval.every and cfg.eval.shards:  # the trainer reads them only when it evaluates
+        if (cfg.eval.every or cfg.eval.every_epochs) and cfg.eval.shards:  # the trainer reads them only when it evaluates
             check_shard_spec(cfg.eval.shards, "eval.shards")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -99,10 +99,10 @@ def _seed_all(seed: int) -> None:
 
 def _eval_task(cfg: ExperimentConfig) -> str | None:
     """The evaluation ``eval.every`` runs: ``eval.task``, else the one the model is registered with."""
-    if cfg.eval.every <= 0:
+    if cfg.eval.every <= 0 and cfg.eval.every_epochs <= 0:
         return None
     if not cfg.eval.shards:
-        raise ValueError("eval.shards: eval.every > 0 needs an evaluation shard set")
+        raise ValueError("eval.shards: eval.every or eval.every_epochs > 0 needs an evaluation shard set")
     if cfg.eval.task:
         evaluation(cfg.eval.task)  # an unknown name is an error listing the known ones
         return cfg.eval.task
@@ -309,7 +309,7 @@ class Trainer:
                         interval = _Interval()
                     if t.image_grid_every and self.step % t.image_grid_every == 0:
                         self._image_grid(monitor, last_batch, last_out)
-                    if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+                    if self._eval_due():
                         self.run_eval(monitor)
                         last_eval = self.step
                     if t.checkpoint_every and self.step % t.checkpoint_every == 0:
@@ -326,7 +326,7 @@ class Trainer:
                         break
                 if state != "finished":
                     break
-            if self.cfg.eval.every and state == "finished" and last_eval != self.step:
+            if self.evaluate is not None and state == "finished" and last_eval != self.step:
                 self.run_eval(monitor)
             if last_saved != self.step:
                 self.save()
@@ -337,6 +337,11 @@ class Trainer:
             log.info("%s at step %d/%d (%d samples seen); checkpoints in %s", state, self.step, self.total_steps,
                      self.samples_seen, self.ckpt_dir)
         return state
+
+    def _eval_due(self) -> bool:
+        every, epochs = self.cfg.eval.every, self.cfg.eval.every_epochs
+        return bool(every and self.step % every == 0
+                    or epochs and self.step % (epochs * self.steps_per_epoch) == 0)
 
     def _set_progress(self) -> None:
         values: dict[str, float] = {}
