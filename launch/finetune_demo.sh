@@ -15,16 +15,17 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
 # -- the tasks: one row each -----------------------------------------------------------------------
-#   task       config                data_prep source   train  held-out  extra data_prep arguments (train)
+#   task       config                data_prep source   train  held-out  pre-training demo  extra data_prep arguments (train)
 TASKS="
-  ve         tiny_albef_ve         synthetic_ve       2000   300       -
-  retrieval  tiny_albef_retrieval  synthetic          2000   200       --captions-per-image=5
-  caption    tiny_blip_caption     synthetic          2000   200       --captions-per-image=5
+  ve         tiny_albef_ve         synthetic_ve       2000   300       tiny_albef_elip    -
+  nlvr2      tiny_albef_nlvr2      synthetic_nlvr2    4000   500       tiny_albef_elip    -
+  vqa-meter  tiny_meter_vqa        synthetic_vqa      2000   300       tiny_meter_elip    -
+  retrieval  tiny_albef_retrieval  synthetic          2000   200       tiny_albef_elip    --captions-per-image=5
+  caption    tiny_blip_caption     synthetic          2000   200       tiny_albef_elip    --captions-per-image=5
 "
-# The NLVR2 and VQA heads add their rows here, e.g.
-#   nlvr2      tiny_albef_nlvr2      synthetic_nlvr2    2000   300       -
-#   vqa        tiny_albef_vqa        synthetic_vqa      4000   500       -
-# and, where their evaluation is new, a case in the score report at the end of this file.
+# A new task is one more row, and, where its evaluation is new, a case in the score report at the
+# end of this file. The pre-training demo is the run a task starts from: runs/demo for
+# tiny_albef_elip, runs/demo_<backbone> (e.g. runs/demo_meter) for another one.
 
 TASK=${1:?usage: bash launch/finetune_demo.sh TASK [RUN_DIR] [key=value ...]; TASK: $(awk 'NF {printf "%s ", $1}' <<<"$TASKS")}
 RUN_DIR=${2:-runs/finetune_$TASK}
@@ -34,14 +35,15 @@ if [[ -z "$ROW" ]]; then
   echo "launch/finetune_demo.sh: unknown task '$TASK'; known: $(awk 'NF {printf "%s ", $1}' <<<"$TASKS")" >&2
   exit 2
 fi
-read -r _ CONFIG SOURCE NUM_TRAIN NUM_EVAL EXTRA <<<"$ROW"
+read -r _ CONFIG SOURCE NUM_TRAIN NUM_EVAL PRETRAIN EXTRA <<<"$ROW"
 EXTRA_ARGS=()
 [[ "$EXTRA" == - ]] || EXTRA_ARGS=($EXTRA)
 PY=${PYTHON:-python}
 DATA=${DEMO_DATA:-runs/data}
 TRAIN_DATA=$DATA/${TASK}_train
 TEST_DATA=$DATA/${TASK}_test
-WARM=${FINETUNE_FROM:-runs/demo}
+if [[ "$PRETRAIN" == tiny_albef_elip ]]; then DEMO_RUN=runs/demo; else DEMO_RUN=runs/demo_${PRETRAIN#tiny_}; DEMO_RUN=${DEMO_RUN%_elip}; fi
+WARM=${FINETUNE_FROM:-$DEMO_RUN}
 
 # -- devices: 2 ranks; on GPUs one per GPU (at most 2), else CPU ranks over gloo ----------------
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0)
@@ -67,7 +69,7 @@ fi
 # -- warm start: the tiny pre-training demo run ----------------------------------------------------
 if ! "$PY" -c 'import sys; from pipeline.models.weights import find_checkpoint; find_checkpoint(sys.argv[1])' "$WARM" 2>/dev/null; then
   echo "== no pre-training checkpoint in $WARM: running the pre-training demo there first"
-  bash launch/demo.sh "$WARM"
+  bash launch/demo.sh "$WARM" "$PRETRAIN"
 fi
 
 # -- fine-tuning -----------------------------------------------------------------------------------

@@ -165,3 +165,17 @@ def subprocess_env() -> dict:
     env.setdefault("DS_ACCELERATOR", "cpu")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def train_subprocess(config: str, run: Path, train: Path, test: Path, *overrides: str):
+    """``python -m pipeline.train`` on one rank with the tests' quiet settings (no checkpoints
+    but the last, logs every 10 steps); fails the test with the run's output if it fails."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", config, f"train.run_dir={run}",
+           f"data.train_shards={train}", f"eval.shards={test}", "data.workers=1", "train.log_every=10",
+           "train.checkpoint_every=0", "eval.every_epochs=0", *overrides]
+    r = subprocess.run(cmd, cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r

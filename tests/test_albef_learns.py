@@ -7,18 +7,8 @@ import sys
 
 import pytest
 
-from data_prep import synthetic
-from tests.helpers_train import repo_root, subprocess_env
+from tests.helpers_train import repo_root, subprocess_env, train_subprocess
 from tests.test_train import metrics
-
-
-def _train(config: str, run, data, *overrides):
-    cmd = [sys.executable, "-m", "pipeline.train", "--config", config, f"train.run_dir={run}",
-           f"data.train_shards={data}", f"eval.shards={data.parent / 'eval'}", "data.workers=1", "train.log_every=10",
-           "train.checkpoint_every=0", *overrides]
-    r = subprocess.run(cmd, cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
 
 
 def _itc_curve(run) -> list[float]:
@@ -26,16 +16,13 @@ def _itc_curve(run) -> list[float]:
 
 
 @pytest.mark.slow
-def test_warm_started_tiny_albef_learns_retrieval(tmp_path):
-    synthetic.build(tmp_path / "train", num=2000, image_size=64, shard_size=500, min_shards=1)
-    synthetic.build(tmp_path / "eval", num=100, image_size=64, shard_size=100, split="test", captions_per_image=5,
-                    min_shards=1)
-    warm, run = tmp_path / "warm", tmp_path / "albef"
-    _train("tiny_clip", warm, tmp_path / "train", "optim.max_steps=300")
+def test_warm_started_tiny_albef_learns_retrieval(clip_warm_start, tmp_path):
+    warm, run = clip_warm_start / "warm", tmp_path / "albef"
+    train, test = clip_warm_start / "captions_train", clip_warm_start / "captions_test"
     clip = _itc_curve(warm)
     assert clip[-1] < 0.7 * clip[0], clip  # in-batch ITC over 32 pairs starts at ln 32 = 3.47
 
-    r = _train("tiny_albef_elip", run, tmp_path / "train", f"train.init_from={warm}", "optim.max_steps=100",
+    r = train_subprocess("tiny_albef_elip", run, train, test, f"train.init_from={warm}", "optim.max_steps=100",
                "optim.warmup_steps=20")
     assert "initialised" in r.stderr and "from " + str(warm) in r.stderr
     itc = _itc_curve(run)
@@ -44,7 +31,7 @@ def test_warm_started_tiny_albef_learns_retrieval(tmp_path):
     assert itc[-1] < max(itc[1:4]) - 0.1, itc
 
     r = subprocess.run([sys.executable, "-m", "pipeline.eval", "retrieval", "--run", str(run), "--shards",
-                        str(tmp_path / "eval"), "--k-test", "16"],
+                        str(test), "--k-test", "16"],
                        cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     m = json.loads((run / "eval.json").read_text())

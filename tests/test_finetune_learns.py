@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep import synthetic, synthetic_tasks
+from data_prep import synthetic_tasks
 from pipeline.models import weights
 from pipeline.train import checkpoint as ckpt
-from tests.helpers_train import repo_root, subprocess_env
+from tests.helpers_train import repo_root, subprocess_env, train_subprocess
 from tests.test_train import metrics, torchrun
 
 
@@ -42,28 +42,16 @@ TASKS = {
 }
 
 
-def _train(config: str, run: Path, train: Path, test: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.train", "--config", config, f"train.run_dir={run}",
-           f"data.train_shards={train}", f"eval.shards={test}", "data.workers=1", "train.log_every=10",
-           "train.checkpoint_every=0", "eval.every_epochs=0", *overrides]
-    r = subprocess.run(cmd, cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    return r
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """Shards for every task and the warm start they all start from."""
+def shared(clip_warm_start, tmp_path_factory):
+    """Shards for every task and the warm start they all start from (conftest's tiny CLIP, shared
+    with tests/test_albef_learns.py); the SNLI-VE shards are made here."""
     root = tmp_path_factory.mktemp("finetune")
-    synthetic.build(root / "captions_train", num=2000, image_size=64, shard_size=500, min_shards=1,
-                    captions_per_image=5)
-    synthetic.build(root / "captions_test", num=50, image_size=64, shard_size=50, split="test",
-                    captions_per_image=5, min_shards=1)
+    for name in ("captions_train", "captions_test", "warm"):
+        (root / name).symlink_to(clip_warm_start / name)
     for split, num in (("train", 1000), ("test", 200)):
         synthetic_tasks.build("ve", root / f"ve_{split}", num=num, image_size=64, shard_size=500,
                               split=split, min_shards=1)
-    # test_albef_learns' warm start: in-batch ITC leaves ln 32 after some 150 steps, 300 make it useful
-    _train("tiny_clip", root / "warm", root / "captions_train", root / "captions_test", "optim.max_steps=300")
     return root
 
 
@@ -72,7 +60,7 @@ def shared(tmp_path_factory):
 def test_tiny_fine_tuning_learns_above_chance(shared, task):
     config, data, overrides, evaluation, learned = TASKS[task]
     run, train, test = shared / task, shared / f"{data}_train", shared / f"{data}_test"
-    r = _train(config, run, train, test, f"train.init_from={shared / 'warm'}", "optim.warmup_steps=10", *overrides)
+    r = train_subprocess(config, run, train, test, f"train.init_from={shared / 'warm'}", "optim.warmup_steps=10", *overrides)
     assert "initialised" in r.stderr and f"from {shared / 'warm'}" in r.stderr
     r = subprocess.run([sys.executable, "-m", "pipeline.eval", evaluation[0], "--run", str(run), "--shards", str(test),
                         *evaluation[1:]], cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True,
