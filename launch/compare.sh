@@ -30,6 +30,10 @@ if [[ ! -f "$DATA/eval/manifest.json" ]]; then
     --min-shards 1 --no-progress
 fi
 
+# an EVLGen sweep's stand-in LLM (model.llm.build_if_missing), built once; other sweeps: nothing
+BASE=$("$PY" -c 'import sys; from pipeline.compare.sweep import load_sweep; print(load_sweep(sys.argv[1]).base)' "$SWEEP")
+"$PY" -m data_prep.tiny_llm --config "$BASE"
+
 START=$(date +%s)
 STATUS=0
 "$PY" -m pipeline.compare run "$SWEEP" --out "$SWEEP_DIR" "$@" \
