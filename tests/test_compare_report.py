@@ -130,3 +130,15 @@ def test_gather_reports_missing_eval_as_incomplete(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps({"baseline": "a", "seeds": [0], "variants": {"a": {}}}))
     row = gather(tmp_path)["rows"][0]
     assert row["status"] == "incomplete" and row["errors"] == {"0": "no eval.json"}
+
+
+def test_a_run_trained_outside_the_runner_has_no_wall_clock(tmp_path):
+    """A SLURM array task trains through pretrain.sbatch and the runner only evaluates: its
+    record says 0 attempts, and the report must not show a 0 s wall clock."""
+    _run(tmp_path, "none", 0, 20.0, 18.0)
+    _run(tmp_path, "elip", 0, 21.0, 19.0)
+    record = tmp_path / "elip" / "seed0" / "sweep_run.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "train_s": 0.0, "attempts": 0}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"baseline": "none", "seeds": [0], "variants": {"none": {}, "elip": {}}}))
+    rows = {r["name"]: r for r in gather(tmp_path)["rows"]}
+    assert rows["none"]["wall_s"] == 100.0 and rows["elip"]["wall_s"] is None

@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, load_config
 
 
 def test_shipped_sweeps_load_and_their_variants_resolve():
-    assert {"tiny_albef_reductions", "albef_reductions", "blip_reductions", "meter_reductions",
+    assert {"tiny_albef_reductions", "tiny_albef_demo", "albef_reductions", "blip_reductions", "meter_reductions",
             "evlgen_connectors", "tiny_evlgen_connectors"} <= set(shipped_sweeps())
     for name in shipped_sweeps():
         sweep = load_sweep(name)
@@ -24,6 +24,12 @@ def test_shipped_sweeps_load_and_their_variants_resolve():
     assert all(tiny.variants[v].match == "token_layers" for v in ("flip", "evit-constant", "adaptive"))
     assert tiny.variants["tome"].match == "token_layers" and tiny.variants["tome"].reference == "elip-reuse"
     assert tiny.seeds == [0, 1, 2] and tiny.warm_start.config == "tiny_clip"
+    # the CPU demo (launch/compare.sh's default) is the tiny sweep cut down, not another recipe
+    demo = load_sweep("tiny_albef_demo")
+    assert demo.base == tiny.base and vars(demo.warm_start) == vars(tiny.warm_start) and len(demo.seeds) >= 2
+    assert {"none", "elip-reuse", "adaptive"} <= set(demo.variants) and demo.baseline == tiny.baseline
+    for name, variant in demo.variants.items():
+        assert vars(variant) == vars(tiny.variants[name])
 
 
 @pytest.mark.parametrize("text, message", [

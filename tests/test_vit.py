@@ -18,7 +18,8 @@ TINY_PLANS = {
 
 def tiny_encoder(reduction: ReductionConfig, **kw) -> VisionEncoder:
     torch.manual_seed(0)
-    cfg = VitConfig(model_name="vit_base_patch16_224", image_size=64, timm_kwargs=TINY, reduction=reduction, **kw)
+    cfg = VitConfig(**{"model_name": "vit_base_patch16_224", "image_size": 64, "timm_kwargs": TINY,
+                       "reduction": reduction, **kw})
     return VisionEncoder(cfg)
 
 

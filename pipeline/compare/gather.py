@@ -61,7 +61,8 @@ def read_run(run_dir: Path, seed: int) -> dict:
     if token_rows:
         last = token_rows[-1]
         row["tokens_per_layer"] = [int(round(last[k])) for k in sorted(k for k in last if k.startswith("tokens/layer_"))]
-    row["wall_s"] = record.get("train_s")
+    # a run the sweep runner never trained (a SLURM array task's training job) has no wall clock here
+    row["wall_s"] = None if record.get("attempts") == 0 else record.get("train_s")
     if cost is not None:
         row["flops_per_sample"] = cost.get("flops_per_sample")
         row["micro_batch"] = cost.get("micro_batch")

@@ -24,14 +24,17 @@ def _model(cfg: ExperimentConfig, device: torch.device) -> torch.nn.Module:
 
 def forward_budget(cfg: ExperimentConfig, batch: int = MIN_BATCH, device: torch.device | None = None) -> dict:
     """``{"token_layers", "tokens_per_layer", "flops"}`` of one training-mode forward pass:
-    the vision tokens summed over the ViT's layers and the forward FLOPs per sample."""
+    the vision tokens summed over the ViT's layers and the forward FLOPs per sample. With an
+    adaptive budget the tokens are each image's own (the mean over the batch), not the padded
+    length the batch computes: a budget matched by token-layers is one of equal mean tokens,
+    and its padding shows in the FLOPs."""
     device = device or pick_device()
     model = _model(cfg, device)
     data = probe_batch(cfg, batch, device, torch.float32)
     torch.manual_seed(1)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = model(data)
-    tokens = [int(n) for n in out.get("tokens_per_layer") or []]
+    tokens = [float(n) for n in out.get("mean_tokens_per_layer") or out.get("tokens_per_layer") or []]
     return {"token_layers": sum(tokens), "tokens_per_layer": tokens,
             "flops": int(counter.get_total_flops()) // batch}
 

@@ -119,7 +119,8 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 64
             text_feats.append(feats.float())
     length = max(e.shape[1] for e in text_embeds)
     text_embeds, text_masks = _pad_cat(text_embeds, length), _pad_cat(text_masks, length)
-    image_embeds = torch.cat(image_embeds)
+    # an adaptive budget's batches differ in length: its padding is zero rows, as the ViT's own
+    image_embeds = _pad_cat(image_embeds, max(e.shape[1] for e in image_embeds))
     has_itc = bool(image_feats) and bool(text_feats)
     if has_itc:
         sims = torch.cat(image_feats) @ torch.cat(text_feats).T  # [N_img, N_txt]

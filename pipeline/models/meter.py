@@ -28,6 +28,7 @@ from pipeline.models.pairing import check_pairing, encode_pair
 from pipeline.models.text import TextConfig, TextOutput, check_prune, load_tokenizer, padding_bias, run_layers, tokenize
 from pipeline.models.vit import VisionEncoder, VitConfig
 from pipeline.models.weights import check_key_account
+from pipeline.tokens import budget
 from pipeline.tokens.plan import ELIP_METER_B32, ReductionConfig
 
 ITM_CHUNK = 256  # (image, text) pairs per fusion call when scoring retrieval candidates
@@ -187,8 +188,10 @@ class MeterEncoders(nn.Module):
         x = x + self.token_type_embeddings(torch.zeros_like(text_mask))
         y = y + self.token_type_embeddings(torch.ones(y.shape[:2], dtype=torch.long, device=y.device))
         text_bias = padding_bias(text_mask, x.dtype)
-        # explicit zeros: a decoder-config layer without a mask would make its self-attention causal
-        image_bias = padding_bias(torch.ones(y.shape[:2], device=y.device), y.dtype)
+        # explicit zeros: a decoder-config layer without a mask would make its self-attention causal;
+        # an adaptive budget's padding (zero rows of the ViT's output) is masked
+        real = budget.real_tokens(image_tokens)
+        image_bias = padding_bias(torch.ones(y.shape[:2], device=y.device) if real is None else real, y.dtype)
         for text_layer, image_layer in zip(self.cross_modal_text_layers, self.cross_modal_image_layers):
             x1 = self._layer(text_layer, x, text_bias, y, image_bias)
             y1 = self._layer(image_layer, y, image_bias, x, text_bias)

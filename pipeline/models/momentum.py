@@ -174,7 +174,8 @@ class MomentumContrast(nn.Module):
         out = {"loss": sum(parts.values())}
         out.update({f"loss_{name}": value.detach() for name, value in parts.items()})
         out.update(tokens_per_layer=step.vision.tokens_per_layer, kept_patches=step.vision.kept_patches,
-                   text_tokens_per_layer=step.text.tokens_per_layer, budgets=step.vision.budgets)
+                   text_tokens_per_layer=step.text.tokens_per_layer, budgets=step.vision.budgets,
+                   mean_tokens_per_layer=step.vision.mean_tokens_per_layer)
         return out
 
     @torch.no_grad()

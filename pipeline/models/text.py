@@ -19,7 +19,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, Be
 
 from pipeline.models.layers import bert_config, bert_init, checkpointed, grow_rows
 from pipeline.models.weights import check_key_account
-from pipeline.tokens import textprune
+from pipeline.tokens import budget, textprune
 
 
 TINY_TOKENIZER = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_tokenizer")
@@ -149,6 +149,7 @@ def run_layers(
         image_embeds: ``[B, N, D]`` image tokens for layers with cross-attention, or None.
     """
     lengths = []
+    image_bias = image_key_bias(image_embeds, hidden.dtype)
     for i, layer in enumerate(layers):
         if prune_at is not None and i == prune_at and prune is not None and prune.strategy != "none":
             if index is None:
@@ -163,7 +164,8 @@ def run_layers(
                 hidden, mask = textprune.gather(hidden, mask, index)
         lengths.append(hidden.shape[1])
         bias = padding_bias(mask, hidden.dtype)
-        hidden = checkpointed(checkpointing, layer, hidden, bias, encoder_hidden_states=image_embeds)
+        hidden = checkpointed(checkpointing, layer, hidden, bias, encoder_hidden_states=image_embeds,
+                              encoder_attention_mask=image_bias)
     return TextOutput(hidden, mask, index if prune_at is not None else None, lengths)
 
 
@@ -176,6 +178,13 @@ class _Encoder(nn.Module):
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B, L]`` 1/0 mask -> ``[B, 1, 1, L]`` additive bias (0 keep, -inf-ish drop)."""
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def image_key_bias(image_embeds: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Cross-attention bias ``[B, 1, 1, N]`` hiding the padding of an adaptive-budget batch
+    (exact zero rows, :func:`pipeline.tokens.budget.real_tokens`); None when there is none."""
+    real = None if image_embeds is None else budget.real_tokens(image_embeds)
+    return None if real is None else padding_bias(real, dtype)
 
 
 def causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -248,7 +257,8 @@ class BertTextFusion(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def _layers(self, hidden, start, stop, self_bias, image_embeds=None, image_bias=None):
+    def _layers(self, hidden, start, stop, self_bias, image_embeds=None):
+        image_bias = image_key_bias(image_embeds, hidden.dtype)
         for layer in self.encoder.layer[start:stop]:
             hidden = checkpointed(self.grad_checkpointing and self.training, layer, hidden, self_bias,
                                   encoder_hidden_states=image_embeds, encoder_attention_mask=image_bias)

@@ -61,14 +61,20 @@ class VisionOutput(NamedTuple):
     tokens_per_layer: sequence length entering each layer.
     kept_patches: ``[B, M]`` bool, the original patches that survive as themselves to the last
         layer (ELIP, EViT, FLIP); ``None`` when no patch is dropped or the method merges (ToMe).
-    budgets: ``[B, S]`` long, each image's own budget at each of the S adaptive-budget stages
-        (the batch kept each column's maximum); ``None`` without ``budget_tau``.
+    budgets: ``[B, S]`` long, each image's own budget at each of the S adaptive-budget stages;
+        ``None`` without ``budget_tau``. With it the batch is padded to each stage's largest
+        budget (``tokens_per_layer`` counts the padded length, what is computed); the padding
+        is masked in attention and comes out as exact zero rows of ``tokens``
+        (:func:`pipeline.tokens.budget.real_tokens`).
+    mean_tokens_per_layer: the real tokens entering each layer, averaged over the batch's
+        images (equal to ``tokens_per_layer`` without padding).
     """
 
     tokens: torch.Tensor
     tokens_per_layer: list[int]
     kept_patches: torch.Tensor | None
     budgets: torch.Tensor | None = None
+    mean_tokens_per_layer: list[float] | None = None
 
 
 def resolve_weights_file(path: str) -> str:
@@ -208,13 +214,16 @@ class VisionEncoder(nn.Module):
         ids: torch.Tensor | None,
         guide: torch.Tensor | None,
         want_scores: bool,
+        valid: torch.Tensor | None = None,
     ):
         """Layer ``i`` with its reduction.
 
         Args:
             x: ``[B, N, D]``; size: ``[B, N, 1]`` (ToMe) or None; ids: ``[B, N-1]`` original patch
-            index per token (-1 = fused/merged) or None; guide: ``[B, D]`` text-fused [CLS]
-            used as the query of the returned scores (None = the layer's own [CLS]).
+            index per token (-1 = fused/merged/padding) or None; guide: ``[B, D]`` text-fused [CLS]
+            used as the query of the returned scores (None = the layer's own [CLS]);
+            valid: ``[B, N]`` bool, the real tokens of a padded batch (their keys alone are
+            attended) or None.
         Returns:
             ``(x, size, ids, scores)``; scores is ``[B, N-1]`` [CLS]-query attention over the
             layer's input tokens when ``want_scores`` (ELIP reuse), else None.
@@ -229,6 +238,10 @@ class VisionEncoder(nn.Module):
         bias = tome.proportional_attention_bias(size) if plan.prop_attn else None
         if bias is not None:
             bias = bias.to(q.dtype)
+        if valid is not None:  # padding's keys are never attended: each image sees its own tokens
+            key_bias = torch.zeros(B, 1, 1, N, dtype=q.dtype, device=q.device)
+            key_bias = key_bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+            bias = key_bias if bias is None else bias + key_bias
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0
         )
@@ -245,15 +258,16 @@ class VisionEncoder(nn.Module):
                 q_row = attn.q_norm(q_row.reshape(B, attn.num_heads, 1, attn.head_dim))
             scores = _cls_attention(q_row, k, attn.scale, bias)
         r = step(x, scores=scores, keys=k, size=size)
-        x, size = r.x, r.size
+        x, size = r.x, r.size  # no padding step runs inside a layer (the budget is ELIP's, before one)
         ids = None if step.merges else _track(ids, r.kept, r.fused)
         if step.needs_scores:
             scores = None  # spent on this layer's own reduction
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, size, ids, scores
 
-    def _run(self, i, x, size, ids, guide, want_scores):
-        return checkpointed(self.grad_checkpointing and self.training, self._block, i, x, size, ids, guide, want_scores)
+    def _run(self, i, x, size, ids, guide, want_scores, valid):
+        return checkpointed(self.grad_checkpointing and self.training, self._block, i, x, size, ids, guide,
+                            want_scores, valid)
 
     # -- ELIP selection ------------------------------------------------------------------------
     def _stage_end(self, start: int) -> int:
@@ -261,13 +275,15 @@ class VisionEncoder(nn.Module):
         return later[0] if later else self.plan.num_layers
 
     @torch.no_grad()
-    def _lookahead_scores(self, x: torch.Tensor, start: int, text_cls: torch.Tensor | None) -> torch.Tensor:
-        """The official ELIP look-ahead: run the stage starting at ``start`` on all tokens, [CLS]
-        replaced by the text-fused [CLS], and return its last layer's [CLS] attention ``[B, N-1]``."""
+    def _lookahead_scores(self, x: torch.Tensor, start: int, text_cls: torch.Tensor | None,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The official ELIP look-ahead: run the stage starting at ``start`` on all tokens (the real
+        ones of a padded batch: ``valid``), [CLS] replaced by the text-fused [CLS], and return its
+        last layer's [CLS] attention ``[B, N-1]``."""
         x = torch.cat([elip.fuse_cls(x[:, 0], text_cls, self.plan.lam).unsqueeze(1), x[:, 1:]], dim=1)
         end = self._stage_end(start)
         for j in range(start, end):
-            x, _, _, scores = self._block(j, x, None, None, None, want_scores=j == end - 1)
+            x, _, _, scores = self._block(j, x, None, None, None, want_scores=j == end - 1, valid=valid)
         return scores
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -304,36 +320,43 @@ class VisionEncoder(nn.Module):
         if patches is not None:
             x = flip.keep_patches(x, patches)
             ids = _track(ids, patches, fused=False)
-        size, scores, lengths, budgets = None, None, [], []
+        size, scores, lengths, budgets, valid, means = None, None, [], [], None, []
         reuse = plan.elip_mode == "reuse"
         for i in range(plan.num_layers):
             step = plan.before[i]
             if step.acts(x.shape[1]) and (self.training or not step.train_only):
                 if step.needs_scores and plan.elip_mode == "lookahead":
-                    scores = self._lookahead_scores(x, i, text_cls)
-                r = step(x, scores=scores, size=size)
+                    scores = self._lookahead_scores(x, i, text_cls, valid)
+                r = step(x, scores=scores, size=size, **({"valid": valid} if step.pads else {}))
                 x, size = r.x, r.size
                 ids = None if step.merges else _track(ids, r.kept, r.fused)
                 if r.counts is not None:
                     budgets.append(r.counts)
+                if step.pads:
+                    valid = r.valid
             lengths.append(x.shape[1])
+            means.append(float(x.shape[1]) if valid is None else valid.sum(dim=1).float().mean())
             after = plan.before[i + 1] if i + 1 < plan.num_layers else IDENTITY
             guide = None
             if reuse and after.text_guided and text_cls is not None:
                 guide = elip.fuse_cls(x[:, 0], text_cls, plan.lam)
-            x, size, ids, scores = self._run(i, x, size, ids, guide, reuse and after.needs_scores)
+            x, size, ids, scores = self._run(i, x, size, ids, guide, reuse and after.needs_scores, valid)
         kept_patches = None
         if ids is not None and x.shape[1] - 1 < M:
             kept_patches = torch.zeros(B, M + 1, dtype=torch.bool, device=x.device)
             kept_patches.scatter_(1, ids + 1, True)  # fused tokens (-1) land in column 0
             kept_patches = kept_patches[:, 1:]
-        return VisionOutput(self.norm(x), lengths, kept_patches, torch.stack(budgets, dim=1) if budgets else None)
+        tokens = self.norm(x)
+        if valid is not None:  # padding leaves as exact zero rows (budget.real_tokens finds them)
+            tokens = tokens * valid.unsqueeze(-1).to(tokens.dtype)
+        return VisionOutput(tokens, lengths, kept_patches, torch.stack(budgets, dim=1) if budgets else None,
+                            [float(m) for m in means])
 
 
 def _track(ids: torch.Tensor | None, kept: torch.Tensor | None, fused: bool = True) -> torch.Tensor | None:
-    """Original patch ids after a selection: the kept positions, then -1 for the fused token
-    when the step appends one."""
+    """Original patch ids after a selection: the kept positions (-1 for a kept slot of -1:
+    padding or the fused token), then -1 for the fused token when the step appends one."""
     if ids is None or kept is None:
         return ids
-    ids = ids.gather(1, kept)
+    ids = ids.gather(1, kept.clamp_min(0)).masked_fill(kept < 0, -1)
     return torch.cat([ids, ids.new_full((ids.shape[0], 1), -1)], dim=1) if fused else ids

@@ -7,7 +7,8 @@ new step class here and a branch in :func:`~pipeline.tokens.plan.build_plan`, no
 
 Shapes: ``x [B, N, D]`` tokens, [CLS] first; ``scores [B, N-1]`` head-averaged [CLS]-query
 attention over the tokens after [CLS]; ``keys [B, H, N, d]`` the layer's attention keys;
-``size [B, N, 1]`` tokens merged into each (ToMe) or None.
+``size [B, N, 1]`` tokens merged into each (ToMe) or None; ``valid [B, N]`` bool, the real
+tokens of a padded batch (adaptive budget) or None.
 """
 from __future__ import annotations
 
@@ -21,14 +22,17 @@ from pipeline.tokens import budget, elip, evit, flip, tome
 
 class Reduced(NamedTuple):
     """A step's output. ``kept``: ``[B, K]`` positions (among the tokens after [CLS]) that survive
-    as themselves, one fused token appended after them when ``fused``; None when nothing was dropped.
-    ``counts``: ``[B]`` each image's own budget (adaptive budget), else None."""
+    as themselves (-1: a slot of padding or of the fused token), one fused token appended after
+    them when ``fused``; None when nothing was dropped. ``counts``: ``[B]`` each image's own
+    budget (adaptive budget), else None. ``valid``: ``[B, N_out]`` bool, the real tokens when the
+    output is padded, else None."""
 
     x: torch.Tensor
     size: torch.Tensor | None
     kept: torch.Tensor | None
     fused: bool = True
     counts: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Reducer:
     text_guided = False  # that query is the text-fused [CLS] (ELIP), not the layer's own
     merges = False  # output tokens stand for several inputs: no single source patch
     train_only = False  # acts in training mode only (the encoder skips it in eval)
+    pads = False  # takes and returns padded batches (``valid``): the adaptive budget
 
     def acts(self, n: int) -> bool:
         """Whether the step changes a sequence of ``n`` tokens ([CLS] included)."""
@@ -77,29 +82,33 @@ class ElipSelect(Reducer):
 
 @dataclass(frozen=True)
 class ElipBudget(Reducer):
-    """ELIP with an adaptive per-image budget: each image needs the fewest patches whose
-    text-fused [CLS] attention mass reaches ``tau`` (between ``min_keep`` and ``keep``); the
-    batch keeps its largest such count (see :mod:`pipeline.tokens.budget`), the rest fused."""
+    """ELIP with an adaptive per-image budget: each image keeps the fewest of its patches whose
+    text-fused [CLS] attention mass reaches ``tau`` (between ``min_keep`` and ``keep``) and fuses
+    its others; the batch is padded to its largest count, the padding masked out of every later
+    attention (see :mod:`pipeline.tokens.budget`)."""
 
     keep: int
     tau: float
     min_keep: int
     needs_scores = True
     text_guided = True
+    pads = True
 
     def acts(self, n: int) -> bool:
         return self.min_keep < n - 1
 
     def tokens_after(self, n: int) -> int:
-        """At most: the bound ``keep`` (the count actually kept follows the batch)."""
+        """At most: the bound ``keep`` (the count actually kept follows each image)."""
         return min(self.keep, n - 1) + 2 if self.acts(n) else n
 
-    def __call__(self, x, scores=None, keys=None, size=None) -> Reduced:
-        counts = budget.mass_counts(scores, self.tau, self.min_keep, min(self.keep, x.shape[1] - 1))
-        x, kept = elip.select_and_fuse(x, scores, int(counts.max()), return_index=True)
-        if kept is None:  # every token kept: nothing fused
-            return Reduced(x, size, None, counts=counts)
-        return Reduced(x, size, kept, counts=counts)
+    def __call__(self, x, scores=None, keys=None, size=None, valid=None) -> Reduced:
+        P = x.shape[1] - 1
+        counts = budget.mass_counts(scores if valid is None else scores * valid[:, 1:], self.tau, self.min_keep,
+                                    min(self.keep, P))
+        if valid is not None:  # never more than an image's own real tokens
+            counts = torch.minimum(counts, valid[:, 1:].sum(dim=1))
+        x, kept, valid = budget.select_and_fuse_padded(x, scores, counts, valid)
+        return Reduced(x, size, kept, counts=counts, valid=valid)
 
 
 @dataclass(frozen=True)
