@@ -31,7 +31,7 @@ def register_model(name: str, config_cls: type, build: Callable[[Any], nn.Module
     MODELS[name] = ModelEntry(config_cls, build, eval_task)
 
 
-BUILTIN = ("albef", "blip", "meter", "clip", "evlgen", "albef_ve")
+BUILTIN = ("albef", "blip", "meter", "clip", "evlgen", "albef_ve", "albef_vqa", "blip_vqa")
 
 
 def _load_builtin() -> None:
