@@ -61,7 +61,7 @@ def test_ranking_takes_the_likeliest_answer_of_the_first_token_shortlist():
     assert rank_answers(dec, states, states_mask, ids, mask, k=1).tolist() == shortlist.tolist()
 
 
-def _fit(name: str, steps: int = 25):
+def _fit(name: str, lr: float, steps: int):
     torch.manual_seed(0)
     model = build_model(load_config(name).model)
     check_contract(model, "vqa", name)
@@ -73,7 +73,7 @@ def _fit(name: str, steps: int = 25):
     assert model.text_decoder.encoder.layer[0].crossattention.self.query.weight.grad.abs().sum() > 0
     assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     model.eval()  # no dropout: a few steps fit the two questions
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
         opt.zero_grad()
         loss = model(batch)["loss"]
@@ -83,7 +83,7 @@ def _fit(name: str, steps: int = 25):
 
 
 def test_albef_head_fits_a_batch_and_ranks_the_fitted_answers():
-    model, batch, loss = _fit("tiny_albef_vqa")
+    model, batch, loss = _fit("tiny_albef_vqa", 6e-3, 15)
     assert loss < 1.5  # the floor is 0.61 / 2: the 7-3 split of the first question's answers
     with pytest.raises(RuntimeError, match="no candidate answers"):
         model.answer_questions(batch["image"], QUESTIONS, k_test=3)
@@ -95,8 +95,8 @@ def test_albef_head_fits_a_batch_and_ranks_the_fitted_answers():
 
 
 def test_blip_head_fits_a_batch_and_generates_the_fitted_answers():
-    model, batch, loss = _fit("tiny_blip_vqa")
-    assert loss < 2.5  # label smoothing 0.1 keeps it above the ALBEF floor
+    model, batch, loss = _fit("tiny_blip_vqa", 3e-3, 8)
+    assert loss < 9.0  # from 15.5 (label smoothing 0.1 over the whole vocabulary keeps the floor near 2)
     assert model.answer_questions(batch["image"], QUESTIONS, **model.vqa_defaults) == ["two", "yes"]
     assert sorted(model.vqa_defaults) == ["max_new_tokens", "min_length", "num_beams"]
 
