@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Fine-tuning demo: bash launch/finetune_demo.sh TASK [RUN_DIR] [key=value ...]
 #
-# TASK is a row of the table below (ve, retrieval, caption). On a fresh machine: builds the
+# TASK is a row of the table below (ve, nlvr2, vqa-albef, vqa-blip, vqa-meter, retrieval,
+# caption). On a fresh machine: builds the
 # task's synthetic train and held-out (--eval) shards (once, under $DEMO_DATA, default runs/data),
-# warm-starts from the tiny pre-training demo run ($FINETUNE_FROM, default runs/demo; missing, it
+# warm-starts from the tiny pre-training demo run ($FINETUNE_FROM, default the row's pre-training demo run; missing, it
 # runs bash launch/demo.sh there first; FINETUNE_FROM=runs/demo/warm_start takes the demo's
 # unimodal warm start instead), fine-tunes the tiny model on 2 DeepSpeed ranks (ZeRO-2; CPU ranks
 # over gloo without a GPU), evaluates it on the held-out shards and prints the score next to the
@@ -19,6 +20,8 @@ export PYTHONUNBUFFERED=1
 TASKS="
   ve         tiny_albef_ve         synthetic_ve       2000   300       tiny_albef_elip    -
   nlvr2      tiny_albef_nlvr2      synthetic_nlvr2    4000   500       tiny_albef_elip    -
+  vqa-albef  tiny_albef_vqa        synthetic_vqa      4000   500       tiny_albef_elip    -
+  vqa-blip   tiny_blip_vqa         synthetic_vqa      4000   500       tiny_blip_elip     -
   vqa-meter  tiny_meter_vqa        synthetic_vqa      2000   300       tiny_meter_elip    -
   retrieval  tiny_albef_retrieval  synthetic          2000   200       tiny_albef_elip    --captions-per-image=5
   caption    tiny_blip_caption     synthetic          2000   200       tiny_albef_elip    --captions-per-image=5

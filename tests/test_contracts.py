@@ -23,7 +23,7 @@ def test_every_builtin_model_provides_what_its_evaluation_calls(name):
 def test_eval_task_is_declared_on_the_registry_entry():
     assert {name: eval_task(name) for name in BUILTIN} == {
         "albef": "retrieval", "blip": "retrieval", "meter": "retrieval", "clip": "retrieval", "evlgen": "caption",
-        "albef_ve": "classify", "albef_nlvr2": "classify", "meter_vqa": "vqa"}
+        "albef_ve": "classify", "albef_nlvr2": "classify", "meter_vqa": "vqa", "albef_vqa": "vqa", "blip_vqa": "vqa"}
     assert set(EVALUATIONS) == {"retrieval", "caption", "vqa", "classify"}
     with pytest.raises(KeyError, match="'nlvr' is not known; known: \\['caption', 'classify', 'retrieval', 'vqa'\\]"):
         evaluation("nlvr")

@@ -152,18 +152,20 @@ def _classify(args) -> int:
 
 
 def _vqa(args) -> int:
+    from pipeline.eval import vqa
     from pipeline.eval.vqa_files import write_results
 
     task = evaluation(args.task)
     run, cfg, shards, device = _open_run(args)
     model, tag_dir, step = _load_trained(cfg, args, run, device)
     generate = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_length=args.min_length,
-                    num_beams=args.num_beams, length_penalty=args.length_penalty)
+                    num_beams=args.num_beams, length_penalty=args.length_penalty, k_test=args.k_test)
+    vqa.prepare(model, cfg.data.train_shards)
     metrics, rows = task.evaluate_shards(model, shards, image_size=cfg.data.image_size, batch_size=args.batch_size,
                                          device=device, limit=args.limit, **generate)
     chance = _chance(rows)
     out = dict(metrics, chance=chance, checkpoint=str(tag_dir), step=step, shards=shards,
-               generate=dict(model.vqa_defaults) | {k: v for k, v in generate.items() if v is not None},
+               generate=vqa.settings(model, generate),
                examples=[{k: r[k] for k in ("question_id", "question", "answer", "answers")} for r in rows[:10]])
     path = Path(args.out) if args.out else run / "eval.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--limit", type=int, default=None, help="caption at most this many samples")
     cap.add_argument("--compare-untrained", action="store_true",
                      help="also score the model as training starts it (connector untrained), stored as 'untrained'")
-    zs = sub.add_parser("vqa", parents=[run], help="zero-shot VQA (VQAv2 / OK-VQA accuracy, GQA exact match)")
+    zs = sub.add_parser("vqa", parents=[run], help="VQA: zero-shot (EVLGen) or fine-tuned (ALBEF, BLIP); "
+                                                    "VQAv2 / OK-VQA accuracy, GQA exact match")
     zs.add_argument("--shards", help="VQA shards from data_prep vqav2 / okvqa / gqa / synthetic_vqa (default: config)")
     zs.add_argument("--prompt", default=None, help='template with one {} for the question (default: the model\'s, '
                                                     '"Question: {} Short answer:")')
@@ -245,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     zs.add_argument("--min-length", type=int, default=None, help="minimum generated tokens")
     zs.add_argument("--num-beams", type=int, default=None)
     zs.add_argument("--length-penalty", type=float, default=None, help="beam score length exponent (< 0: shorter)")
+    zs.add_argument("--k-test", type=int, default=None,
+                    help="a ranking model's (ALBEF) candidates re-ranked by answer likelihood (default: its config)")
     zs.add_argument("--batch-size", type=int, default=32)
     zs.add_argument("--limit", type=int, default=None, help="answer at most this many questions")
     cls = sub.add_parser("classify", parents=[run], help="accuracy of a fine-tuned classifier (SNLI-VE) beside chance")

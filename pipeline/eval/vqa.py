@@ -3,8 +3,10 @@
 :mod:`pipeline.eval.vqa_metric`.
 
 The model is a :class:`~pipeline.models.contracts.VqaAnswerer`: ``answer_questions(images,
-questions, *, prompt, max_new_tokens, min_length, num_beams, length_penalty)`` and a
-``vqa_defaults`` dict. Each sample's ``KEY.json`` gives ``question_id``, ``question``,
+questions, **settings)`` and ``vqa_defaults``, the settings it takes (EVLGen's prompt and beam
+search, BLIP's beam search, ALBEF's ``k_test``); a setting the model does not take is refused by
+name. A :class:`~pipeline.models.contracts.RanksAnswers` model (ALBEF) first gets its candidate
+answers (:mod:`pipeline.eval.vqa_answers`). Each sample's ``KEY.json`` gives ``question_id``, ``question``,
 ``answers`` (the human answers; empty for test-dev), ``answer_type`` and ``dataset``; the
 dataset picks the rule (``gqa``: exact match, else VQAv2 accuracy). A shard set without answers
 (test-dev) is answered, not scored: the results file is what the evaluation server takes.
@@ -22,9 +24,9 @@ import torch.distributed as dist
 
 from pipeline.data.loader import build_eval_loader
 from pipeline.eval.caption import _batches_in_step, share_from_rank0
+from pipeline.eval.vqa_answers import candidate_answers
 from pipeline.eval.vqa_metric import score
-
-ARGS = ("prompt", "max_new_tokens", "min_length", "num_beams", "length_penalty")
+from pipeline.models.contracts import RanksAnswers
 
 
 def clean_answer(text: str) -> str:
@@ -49,14 +51,13 @@ def answer_on_shards(model, shards: str, *, image_size: int, batch_size: int = 3
     """Answer every question of this rank's share of ``shards``.
 
     Args:
-        generate: the :data:`ARGS` (default: the model's ``vqa_defaults``). limit: at most this
-            many questions per rank.
+        generate: settings overriding the model's ``vqa_defaults`` (None: the default); one the
+            model does not take is a ValueError. limit: at most this many questions per rank.
     Returns:
         ``[{"question_id", "question", "answer", "answers", "answer_type", "dataset", "key"}]``.
     """
     device = device or torch.device("cpu")
-    kwargs = dict(model.vqa_defaults)
-    kwargs.update({k: v for k, v in generate.items() if v is not None})
+    kwargs = settings(model, generate)
     loader = build_eval_loader(shards, image_size=image_size, batch_size=batch_size, max_words=0,
                                rank=rank, world_size=world_size)
     out: list[dict] = []
@@ -73,6 +74,25 @@ def answer_on_shards(model, shards: str, *, image_size: int, batch_size: int = 3
             continue
         out.extend(dict(r, answer=clean_answer(a)) for r, a in zip(rows, answers))
     return out[:limit] if limit is not None else out
+
+
+def settings(model, overrides: dict) -> dict:
+    """The model's ``vqa_defaults`` with the ``overrides`` that are not None; a setting the model
+    does not take is a ValueError naming it and the ones it takes."""
+    kwargs = dict(model.vqa_defaults)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - set(kwargs))
+    if unknown:
+        raise ValueError(f"VQA settings {unknown} are not taken by {type(model).__name__}, which takes "
+                         f"{sorted(kwargs)}")
+    return kwargs | given
+
+
+def prepare(model, train_shards: str | None) -> None:
+    """Give a ranking model (ALBEF) its candidate answers, from its ``answer_source``: the JSON
+    file, else the most frequent answers of ``train_shards``."""
+    if isinstance(model, RanksAnswers):
+        model.set_answer_candidates(candidate_answers(model.answer_source, train_shards))
 
 
 def score_rows(rows: list[dict]) -> dict:
@@ -117,6 +137,7 @@ def evaluate_shards(model, shards: str, *, image_size: int, batch_size: int = 32
 
 def evaluate(model, cfg, *, device, dtype, rank: int, world_size: int) -> dict:
     """The trainer's hook (``eval.every`` with ``eval.task: vqa``): VQA accuracy on ``cfg.eval.shards``."""
+    prepare(model, cfg.data.train_shards)
     metrics, _ = evaluate_shards(model, cfg.eval.shards, image_size=cfg.data.image_size,
                                  batch_size=cfg.eval.batch_size, device=device, dtype=dtype, rank=rank,
                                  world_size=world_size)
@@ -126,7 +147,7 @@ def evaluate(model, cfg, *, device, dtype, rank: int, world_size: int) -> dict:
 
 def format_table(metrics: dict, chance: float | None = None) -> str:
     """The accuracy a person reads (x100), per answer type, with the chance level when known."""
-    head = f"zero-shot VQA ({metrics['dataset']}) on {metrics['num_questions']} questions"
+    head = f"VQA ({metrics['dataset']}) on {metrics['num_questions']} questions"
     if not metrics["scored"]:
         return head + ": no human answers (test-dev): results written for the evaluation server"
     rule = "exact match" if metrics["dataset"] == "gqa" else "VQA accuracy"

@@ -31,7 +31,8 @@ def register_model(name: str, config_cls: type, build: Callable[[Any], nn.Module
     MODELS[name] = ModelEntry(config_cls, build, eval_task)
 
 
-BUILTIN = ("albef", "blip", "meter", "meter_vqa", "clip", "evlgen", "albef_ve", "albef_nlvr2")
+BUILTIN = ("albef", "blip", "meter", "meter_vqa", "clip", "evlgen", "albef_ve", "albef_nlvr2", "albef_vqa",
+           "blip_vqa")
 
 
 def _load_builtin() -> None:

@@ -52,6 +52,29 @@ class BlipConfig(MomentumConfig):
     objectives: list[str] = field(default_factory=lambda: ["itc", "itm", "lm"])
 
 
+def add_encoders(module: nn.Module, cfg) -> int:
+    """Give ``module`` BLIP's tokenizer ([DEC] and [ENC] added), ViT (``visual_encoder``) and text
+    encoder (``text_encoder``, every layer able to cross-attend) under BLIP's names and
+    ``enc_token_id``, so that fine-tuning heads take a pre-training run's weights through
+    ``train.init_from``; sets ``image_first`` and ``patch_size`` and returns the shared width."""
+    module.tokenizer = load_tokenizer(cfg.text)
+    # BLIP's tokenizer: [DEC] starts a caption for the decoder, [ENC] one for the ITM encoder
+    module.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    module.enc_token_id = module.tokenizer.convert_tokens_to_ids("[ENC]")
+    module.visual_encoder = VisionEncoder(cfg.vision)
+    module.text_encoder = BertTextFusion(cfg.text, len(module.tokenizer), cross_attention_from=0)
+    config = module.text_encoder.config
+    if cfg.text.text_layers != config.num_hidden_layers:
+        raise ValueError(
+            f"model.text.text_layers={cfg.text.text_layers} must equal the BERT depth {config.num_hidden_layers} "
+            "for BLIP: its unimodal text encoder runs every layer"
+        )
+    module.image_first = check_pairing(cfg, module.visual_encoder, config.hidden_size,
+                                       "BLIP's cross-attention here and ELIP's [CLS] fusion need equal widths")
+    module.patch_size = module.visual_encoder.patch_size
+    return config.hidden_size
+
+
 class BLIP(MomentumContrast):
     """``forward(batch) -> dict(loss, loss_itc, loss_itm, loss_lm, tokens_per_layer, kept_patches)``."""
 
@@ -61,21 +84,8 @@ class BLIP(MomentumContrast):
         check_objectives(cfg.objectives, BLIP_OBJECTIVES)
         if "itm" in cfg.objectives and "itc" not in cfg.objectives:
             raise ValueError(f"model.objectives={cfg.objectives}: itm draws its hard negatives from itc; add itc")
-        self.tokenizer = load_tokenizer(cfg.text)
-        # BLIP's tokenizer: [DEC] starts a caption for the decoder, [ENC] one for the ITM encoder
-        self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-        self.enc_token_id = self.tokenizer.convert_tokens_to_ids("[ENC]")
-        self.visual_encoder = VisionEncoder(cfg.vision)
-        self.text_encoder = BertTextFusion(cfg.text, len(self.tokenizer), cross_attention_from=0)
+        width = add_encoders(self, cfg)
         config = self.text_encoder.config
-        if cfg.text.text_layers != config.num_hidden_layers:
-            raise ValueError(
-                f"model.text.text_layers={cfg.text.text_layers} must equal the BERT depth {config.num_hidden_layers} "
-                "for BLIP: its unimodal text encoder runs every layer"
-            )
-        width = config.hidden_size
-        self.image_first = check_pairing(cfg, self.visual_encoder, width,
-                                         "BLIP's cross-attention here and ELIP's [CLS] fusion need equal widths")
         # The decoder's own causal self-attention, one per layer: all it does not share.
         self.text_decoder_attention = nn.ModuleList(
             BertAttention(config, is_causal=True, layer_idx=i)
@@ -87,7 +97,6 @@ class BLIP(MomentumContrast):
         else:
             std = self.text_encoder.config.initializer_range
             self.text_decoder_attention.apply(lambda m: bert_init(m, std))
-        self.patch_size = self.visual_encoder.patch_size
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = nn.Linear(width, 2)

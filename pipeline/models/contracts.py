@@ -81,14 +81,26 @@ class Captioner(Protocol):
 @runtime_checkable
 class VqaAnswerer(Protocol):
     """Answers questions about ``[B, 3, H, W]`` images in a few words (:mod:`pipeline.eval.vqa`):
-    ``answer_questions(images, questions, *, prompt, max_new_tokens, min_length, num_beams,
-    length_penalty) -> B strings``; ``prompt`` is a template with one ``{}`` for the question, and
-    ``vqa_defaults`` holds the five keyword arguments."""
+    ``answer_questions(images, questions, **settings) -> B strings``. ``vqa_defaults`` names the
+    settings the model takes, with their values: EVLGen's zero-shot generation ``prompt`` (one
+    ``{}`` for the question), ``max_new_tokens``, ``min_length``, ``num_beams``,
+    ``length_penalty``; BLIP's ``num_beams``, ``max_new_tokens``, ``min_length``; ALBEF's ``k_test``."""
 
     vqa_defaults: dict
 
-    def answer_questions(self, images: torch.Tensor, questions: list[str], *, prompt: str, max_new_tokens: int,
-                         min_length: int, num_beams: int, length_penalty: float) -> list[str]: ...
+    def answer_questions(self, images: torch.Tensor, questions: list[str], **settings) -> list[str]: ...
+
+
+@runtime_checkable
+class RanksAnswers(Protocol):
+    """A :class:`VqaAnswerer` that picks each answer from a candidate list (ALBEF).
+    ``answer_source`` is ``{"file": a JSON list of answers or None, "top": N}``: the file's
+    answers, else the N most frequent of the training shards; the evaluation reads them and calls
+    ``set_answer_candidates(answers)`` before answering."""
+
+    answer_source: dict
+
+    def set_answer_candidates(self, answers: list[str]) -> None: ...
 
 
 @runtime_checkable

@@ -221,8 +221,8 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
     gets the checkpoint's rows first, a ViT position embedding of another resolution is resampled),
     the rest keep their initialisation
     (a warm start: CLIP encoders into ALBEF). A model whose modules are named differently
-    declares ``init_from_renames``, ``{source prefix: own prefix}`` (METER's ``text_transformer``
-    is CLIP's ``text_encoder``). Returns ``(tag_dir, copied, kept)``; copying nothing
+    declares ``init_from_renames``, ``{source prefix: own prefix or [own prefixes]}`` (METER's
+    ``text_transformer`` is CLIP's ``text_encoder``). Returns ``(tag_dir, copied, kept)``; copying nothing
     is an error, since it means the two models share no names."""
     tag_dir = find_checkpoint(path)
     source = _renamed(consolidated_state_dict(tag_dir), getattr(model, "init_from_renames", {}))
@@ -244,15 +244,22 @@ def init_from(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]
     return tag_dir, sorted(copied), kept
 
 
-def _renamed(state: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
-    """``state`` with each key's first matching prefix in ``renames`` replaced."""
+def _renamed(state: dict[str, torch.Tensor], renames: dict[str, str | list[str]]) -> dict[str, torch.Tensor]:
+    """``state`` with each key's first matching prefix in ``renames`` replaced; a list of new
+    prefixes copies the value to each (ALBEF's VQA decoder starts from the fusion layers the
+    encoder keeps too). A renamed copy never replaces a key the source itself holds."""
     out = {}
     for key, value in state.items():
+        targets = [key]
         for old, new in renames.items():
             if key.startswith(old):
-                key = new + key[len(old):]
+                targets = [n + key[len(old):] for n in ([new] if isinstance(new, str) else new)]
                 break
-        out[key] = value
+        for target in targets:  # a key the source holds under its own name wins over a copy
+            if target == key:
+                out[target] = value
+            else:
+                out.setdefault(target, value)
     return out
 
 
