@@ -23,8 +23,8 @@ def test_forward_returns_finite_losses_and_elip_token_counts(meter):
     for key in ("loss", "loss_itm", "loss_mlm"):
         assert torch.isfinite(out[key]), key
     assert torch.allclose(out["loss"].detach(), out["loss_itm"] + out["loss_mlm"])
-    # 16 patches: ELIP keeps int(0.9*16)=14, int(0.7*16)=11, int(0.45*16)=7 (+ [CLS] + fused token)
-    assert out["tokens_per_layer"] == [17, 16, 13, 9] == meter.visual_encoder.expected_tokens_per_layer()
+    # 64 patches: ELIP keeps int(0.9*64)=57, int(0.7*64)=44, int(0.45*64)=28 (+ [CLS] + fused token)
+    assert out["tokens_per_layer"] == [65, 59, 46, 30] == meter.visual_encoder.expected_tokens_per_layer()
     meter.zero_grad(set_to_none=True)
     out["loss"].backward()
     for module in (meter.visual_encoder.patch_embed, meter.text_transformer.embeddings, meter.cross_modal_image_layers,

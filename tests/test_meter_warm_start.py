@@ -2,7 +2,7 @@
 demo's tiny CLIP warm start (trained with METER's ViT, as ``launch/demo.sh`` does) fills every
 ViT and text-encoder weight through METER's ``init_from_renames``."""
 METER_VIT = ["model.vision.model_name=vit_base_patch32_clip_224",
-             "model.vision.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2, patch_size: 16}"]
+             "model.vision.timm_kwargs={depth: 4, embed_dim: 64, num_heads: 2, patch_size: 8}"]
 
 
 def test_init_from_a_clip_fills_meters_vit_and_text_encoder(tmp_path, monkeypatch):
