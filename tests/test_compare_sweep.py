@@ -111,3 +111,39 @@ def test_distractors_are_unmentioned_groups_in_free_quadrants(tmp_path):
     assert len(meta["distractors"]) == 4 - len(meta["objects"])
     with pytest.raises(Exception, match="--distractors must be in"):
         synthetic.build(tmp_path / "e", num=2, distractors=4)
+
+
+def test_budgets_are_measured_on_the_runs_start_weights_and_real_images(tmp_path):
+    """forward_budget runs the model the variant will train: train.init_from's checkpoint once it
+    exists (before, the initialisation, and it says so) on images of data.train_shards; an adaptive
+    budget then keeps what the trained attention picks on those images."""
+    import torch
+
+    from pipeline.compare.measure import forward_budget, start_weights
+    from pipeline.models import build_model
+
+    synthetic.build(tmp_path / "train", num=4, image_size=64, shard_size=4, min_shards=1)
+    adaptive = ["model.vision.reduction.budget_tau=0.5", f"data.train_shards={tmp_path / 'train'}",
+                f"train.init_from={tmp_path / 'warm'}"]
+    before = forward_budget(load_config("tiny_albef_elip", adaptive), device=torch.device("cpu"))
+    assert before["measured_on"] == {"weights": "init", "images": str(tmp_path / "train")}
+
+    # a warm start whose ViT attends sharply (the initialisation's attention is nearly uniform,
+    # so tau = 0.5 keeps about half the patches): its [CLS] mass is reached with fewer tokens
+    state = build_model(load_config("tiny_albef_elip").model).state_dict()
+    for name in state:
+        if name.startswith("visual_encoder.blocks.") and name.endswith("attn.qkv.weight"):
+            state[name] = state[name] * 30
+    tag = tmp_path / "warm" / "checkpoints" / "step_1"
+    tag.mkdir(parents=True)
+    torch.save({"module": state}, tag / "mp_rank_00_model_states.pt")
+    (tag / "meta.json").write_text('{"step": 1}')
+    cfg = load_config("tiny_albef_elip", adaptive)
+    assert start_weights(cfg) == str(tag)
+    after = forward_budget(cfg, device=torch.device("cpu"))
+    assert after["measured_on"] == {"weights": str(tag), "images": str(tmp_path / "train")}
+    assert after["tokens_per_layer"][1] < before["tokens_per_layer"][1]  # the per-image budget follows the weights
+
+    missing = forward_budget(load_config("tiny_albef_elip", ["data.train_shards=" + str(tmp_path / "none")]),
+                             device=torch.device("cpu"))
+    assert missing["measured_on"] == {"weights": "init", "images": "random"}

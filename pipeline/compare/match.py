@@ -94,7 +94,8 @@ def match_budget(kind: str, reference_cfg: ExperimentConfig, load: Callable[[lis
     if method not in KNOBS:
         raise ConfigError(f"match: no searched key for reduction.method={method!r}; known: {sorted(KNOBS)}")
     knob = KNOBS[method]
-    target = float(measure(reference_cfg)[kind])
+    reference = measure(reference_cfg)
+    target = float(reference[kind])
 
     def value_of(candidate) -> float | None:
         try:
@@ -107,4 +108,4 @@ def match_budget(kind: str, reference_cfg: ExperimentConfig, load: Callable[[lis
     rel = abs(got - target) / target if target else 0.0
     return {"kind": kind, "key": knob.key, "value": knob.cast(chosen), "override": f"{knob.key}={chosen}",
             "target": target, "measured": got, "relative_error": rel, "tolerance": tolerance,
-            "within_tolerance": rel <= tolerance}
+            "within_tolerance": rel <= tolerance, "measured_on": reference.get("measured_on")}

@@ -24,7 +24,7 @@ from pipeline.files import atomic_write_text
 from pipeline.models import eval_task
 
 from . import match as matching
-from .measure import forward_budget, step_cost
+from .measure import forward_budget, start_weights, step_cost
 from .sweep import Sweep, Variant
 
 RUN_RECORD = "sweep_run.json"
@@ -116,12 +116,16 @@ class Runner:
     # ------------------------------------------------------------------ budgets
 
     def matched(self, variant: Variant) -> dict | None:
-        """The knob chosen for a matched variant, measured once and kept in NAME/match.json."""
+        """The knob chosen for a matched variant, measured once and kept in NAME/match.json; measured
+        again when the weights the runs start from have changed since (a warm start trained after
+        a ``plan``)."""
         if not variant.match:
             return None
         path = self.out / variant.name / MATCH
         found = _read_json(path)
-        if found and found.get("kind") == variant.match and found.get("reference") == variant.reference:
+        weights = start_weights(self.load(variant))
+        if (found and found.get("kind") == variant.match and found.get("reference") == variant.reference
+                and (found.get("measured_on") or {}).get("weights") == weights):
             return found
         reference = self.sweep.variants[variant.reference]
         chosen = matching.match_budget(variant.match, self.load(reference), lambda more: self.load(variant, more),
@@ -130,7 +134,8 @@ class Runner:
         _write_json(path, chosen)
         self.log(f"[compare] {variant.name}: {chosen['override']} gives {variant.match} {chosen['measured']:.4g} "
                  f"against {variant.reference}'s {chosen['target']:.4g} ({100 * chosen['relative_error']:.1f}% off"
-                 f"{'' if chosen['within_tolerance'] else ', OUTSIDE the tolerance'})")
+                 f"{'' if chosen['within_tolerance'] else ', OUTSIDE the tolerance'}; measured with weights "
+                 f"{chosen['measured_on']['weights']} on images {chosen['measured_on']['images']})")
         return chosen
 
     # ------------------------------------------------------------------ runs
