@@ -179,3 +179,14 @@ def train_subprocess(config: str, run: Path, train: Path, test: Path, *overrides
     r = subprocess.run(cmd, cwd=repo_root(), env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
+
+
+def save_checkpoint(run: Path, state: dict, step: int = 1) -> Path:
+    """A complete checkpoint of ``state`` (a model's state dict) in ``run``, as the trainer lays one
+    out for a single rank; returns the tag directory. What ``train.init_from`` and evaluation read."""
+    tag = Path(run) / "checkpoints" / f"step_{step}"
+    tag.mkdir(parents=True)
+    torch.save({"module": state}, tag / "mp_rank_00_model_states.pt")
+    (tag / "meta.json").write_text(json.dumps({"step": step}))
+    (Path(run) / "checkpoints" / "latest").write_text(tag.name)
+    return tag

@@ -8,6 +8,7 @@ from data_prep import synthetic
 from pipeline.compare.match import match_budget, search
 from pipeline.compare.sweep import load_sweep, shipped_sweeps
 from pipeline.config import ConfigError, load_config
+from tests.helpers_train import save_checkpoint
 
 
 def test_shipped_sweeps_load_and_their_variants_resolve():
@@ -134,10 +135,7 @@ def test_budgets_are_measured_on_the_runs_start_weights_and_real_images(tmp_path
     for name in state:
         if name.startswith("visual_encoder.blocks.") and name.endswith("attn.qkv.weight"):
             state[name] = state[name] * 30
-    tag = tmp_path / "warm" / "checkpoints" / "step_1"
-    tag.mkdir(parents=True)
-    torch.save({"module": state}, tag / "mp_rank_00_model_states.pt")
-    (tag / "meta.json").write_text('{"step": 1}')
+    tag = save_checkpoint(tmp_path / "warm", state)
     cfg = load_config("tiny_albef_elip", adaptive)
     assert start_weights(cfg) == str(tag)
     after = forward_budget(cfg, device=torch.device("cpu"))

@@ -16,7 +16,7 @@ import torch
 from data_prep import synthetic_tasks
 from pipeline.models import weights
 from pipeline.train import checkpoint as ckpt
-from tests.helpers_train import repo_root, subprocess_env, train_subprocess
+from tests.helpers_train import repo_root, save_checkpoint, subprocess_env, train_subprocess
 from tests.test_train import metrics, torchrun
 
 
@@ -84,10 +84,7 @@ def test_two_rank_fine_tuning_resumes_to_the_straight_run(tmp_path):
                               split=split, min_shards=1)
     torch.manual_seed(1)  # the pre-training run the task starts from: an ALBEF checkpoint
     albef = build_model(load_config("tiny_albef_elip").model)
-    tag = tmp_path / "pretrained" / "checkpoints" / "step_1"
-    tag.mkdir(parents=True)
-    torch.save({"module": albef.state_dict()}, tag / "mp_rank_00_model_states.pt")
-    (tag / "meta.json").write_text('{"step": 1}')
+    save_checkpoint(tmp_path / "pretrained", albef.state_dict())
 
     def config(name: str) -> Path:
         cfg = yaml.safe_load((repo_root() / "pipeline/configs/tiny_albef_ve.yaml").read_text())

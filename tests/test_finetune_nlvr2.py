@@ -17,6 +17,7 @@ from pipeline.data.loader import TrainLoader, build_eval_loader
 from pipeline.eval.classify import evaluate_shards
 from pipeline.eval.tasks import check_contract
 from pipeline.models import build_model
+from tests.helpers_train import save_checkpoint
 
 STATEMENTS = ["the left image has more circles than the right image", "both images contain a square",
               "exactly one image contains something red"]
@@ -143,10 +144,7 @@ def test_init_from_an_albef_pretraining_copies_the_encoders_not_the_head(tmp_pat
 
     torch.manual_seed(1)
     albef = build_model(load_config("tiny_albef_elip").model)
-    tag = tmp_path / "run" / "checkpoints" / "step_1"
-    tag.mkdir(parents=True)
-    torch.save({"module": albef.state_dict()}, tag / "mp_rank_00_model_states.pt")
-    (tag / "meta.json").write_text('{"step": 1}')
+    save_checkpoint(tmp_path / "run", albef.state_dict())
     torch.manual_seed(0)
     nlvr2 = build_model(load_config("tiny_albef_nlvr2").model)
     _, copied, kept = init_from(nlvr2, tmp_path / "run")

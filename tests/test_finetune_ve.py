@@ -9,6 +9,7 @@ from pipeline.config import load_config
 from pipeline.eval.classify import evaluate_shards
 from pipeline.eval.tasks import check_contract
 from pipeline.models import build_model
+from tests.helpers_train import save_checkpoint
 
 TEXTS = ["there are two red circles", "the blue square is at the top left", "the red circle is made of paper"]
 
@@ -53,10 +54,7 @@ def test_init_from_an_albef_pretraining_copies_the_encoders_not_the_head(tmp_pat
 
     torch.manual_seed(1)
     albef = build_model(load_config("tiny_albef_elip").model)
-    tag = tmp_path / "run" / "checkpoints" / "step_1"
-    tag.mkdir(parents=True)
-    torch.save({"module": albef.state_dict()}, tag / "mp_rank_00_model_states.pt")
-    (tag / "meta.json").write_text('{"step": 1}')
+    save_checkpoint(tmp_path / "run", albef.state_dict())
     torch.manual_seed(0)
     ve = build_model(load_config("tiny_albef_ve").model)
     _, copied, kept = init_from(ve, tmp_path / "run")

@@ -1,7 +1,6 @@
 """METER's VQA head: soft scores and loss by hand, forward/backward with ELIP pruning, fitting a
 tiny batch, answers through the VQA evaluation, the answer vocabulary from shards, init_from a
 METER pre-training run's encoders."""
-import json
 from collections import Counter
 
 import pytest
@@ -14,6 +13,7 @@ from pipeline.eval.vqa import evaluate_shards
 from pipeline.eval.vqa_answers import build_vocabulary, main as vqa_answers_main
 from pipeline.models import build_model
 from pipeline.models.meter_vqa import load_answers, soft_score, soft_targets, vqa_loss
+from tests.helpers_train import save_checkpoint
 
 QUESTIONS = ["how many circles are there?", "what colour is the square at the top left?", "is there a triangle?"]
 ANSWERS = ["two", "red", "no"]
@@ -105,10 +105,7 @@ def test_init_from_a_meter_pretraining_copies_encoders_and_fusion_not_the_head(t
 
     torch.manual_seed(1)
     meter = build_model(load_config("tiny_meter_elip").model)
-    tag = tmp_path / "run" / "checkpoints" / "step_1"
-    tag.mkdir(parents=True)
-    torch.save({"module": meter.state_dict()}, tag / "mp_rank_00_model_states.pt")
-    (tag / "meta.json").write_text(json.dumps({"step": 1}))
+    save_checkpoint(tmp_path / "run", meter.state_dict())
     torch.manual_seed(0)
     vqa = build_model(load_config("tiny_meter_vqa").model)
     _, copied, kept = init_from(vqa, tmp_path / "run")

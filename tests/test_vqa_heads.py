@@ -16,6 +16,7 @@ from pipeline.models import build_model
 from pipeline.models.answer_decoder import (AnswerDecoder, answer_weights, rank_answers, targets_from_meta,
                                             weighted_answer_loss)
 from pipeline.models.weights import init_from
+from tests.helpers_train import save_checkpoint
 
 QUESTIONS = ["how many circles are there?", "is there a triangle?"]
 METAS = [{"answers": ["two"] * 7 + ["three"] * 3, "question_id": 1}, {"answers": ["yes"] * 10, "question_id": 2}]
@@ -102,11 +103,7 @@ def test_blip_head_fits_a_batch_and_generates_the_fitted_answers():
 
 
 def _save(model, run, step: int = 1):
-    tag = run / "checkpoints" / f"step_{step}"
-    tag.mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
-    (tag / "meta.json").write_text(json.dumps({"step": step}))
-    (run / "checkpoints" / "latest").write_text(tag.name)
+    save_checkpoint(run, model.state_dict(), step)
 
 
 def test_init_from_pretraining_copies_encoders_and_starts_the_decoders_from_their_layers(tmp_path):
