@@ -190,3 +190,14 @@ def save_checkpoint(run: Path, state: dict, step: int = 1) -> Path:
     (tag / "meta.json").write_text(json.dumps({"step": step}))
     (Path(run) / "checkpoints" / "latest").write_text(tag.name)
     return tag
+
+
+def fit_batch(model: nn.Module, batch: dict, steps: int, lr: float = 3e-3) -> float:
+    """AdamW on one batch for ``steps`` steps (a head that learns can fit it); the last loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(batch)["loss"]
+        loss.backward()
+        opt.step()
+    return loss.item()

@@ -9,7 +9,7 @@ from pipeline.config import load_config
 from pipeline.eval.classify import evaluate_shards
 from pipeline.eval.tasks import check_contract
 from pipeline.models import build_model
-from tests.helpers_train import save_checkpoint
+from tests.helpers_train import fit_batch, save_checkpoint
 
 TEXTS = ["there are two red circles", "the blue square is at the top left", "the red circle is made of paper"]
 
@@ -30,14 +30,7 @@ def test_ve_head_forward_backward_prunes_and_fits_a_batch():
     out["loss"].backward()
     assert all(p.grad is not None for p in model.cls_head.parameters())
     assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batch = _batch(3)
-    for _ in range(15):
-        opt.zero_grad()
-        loss = model(batch)["loss"]
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5
+    assert fit_batch(model, _batch(3), steps=15) < 0.5
 
 
 def test_ve_labels_come_from_key_json_and_a_missing_one_is_named():
